@@ -1,0 +1,167 @@
+"""`sage_attention`: argument checks, layout handling, the custom op and its straight-through backward."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _arch
+from ._counters import count
+
+LAYOUTS = ("HND", "NHD")
+PV_CHOICES = ("auto", "fp16", "fp8")
+MAX_HEAD_DIM = 256
+
+
+def check_args(q, k, v, layout, pv, scale):
+    """Raise TypeError/ValueError naming what is wrong with a call; return (B, Hq, Hkv, Nq, Nk, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use 'HND' ([B, H, N, D]) or 'NHD' ([B, N, H, D])")
+    if pv not in PV_CHOICES:
+        raise ValueError(f"unknown pv {pv!r}: use one of {', '.join(PV_CHOICES)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 ({layout}: "
+                             f"{'[B, H, N, D]' if layout == 'HND' else '[B, N, H, D]'}), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} has dtype {t.dtype}: sage_attention takes float16, bfloat16 or float32")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype}: sage_attention takes float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"mixed dtypes: q {q.dtype}, k {k.dtype}, v {v.dtype}; cast them to one dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    h_ax, n_ax = (1, 2) if layout == "HND" else (2, 1)
+    B, Hq, Nq, D = q.shape[0], q.shape[h_ax], q.shape[n_ax], q.shape[3]
+    Hkv, Nk = k.shape[h_ax], k.shape[n_ax]
+    if not (k.shape[0] == v.shape[0] == B):
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if v.shape[h_ax] != Hkv:
+        raise ValueError(f"k and v have different head counts: {Hkv} and {v.shape[h_ax]}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k/v's {Hkv} (grouped-query attention needs Hq % Hkv == 0)")
+    if v.shape[n_ax] != Nk:
+        raise ValueError(f"k and v have different sequence lengths: {Nk} and {v.shape[n_ax]}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}; sage_attention needs one head dim "
+                         "(sage_sdpa falls back to SDPA for different v head dims)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not supported (1 to {MAX_HEAD_DIM}); sage_sdpa falls back to SDPA for it")
+    if Nk == 0:
+        raise ValueError("k and v have no tokens (N = 0): attention over nothing is undefined")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    return B, Hq, Hkv, Nq, Nk, D
+
+
+def _to_hnd(t, layout):
+    """A [B, H, N, D] view (no copy) of either layout; copies only when the last dim is not contiguous."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t if layout == "HND" else t.transpose(1, 2)
+
+
+def _forward(q, k, v, layout, is_causal, scale, pv, return_lse):
+    B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
+    entry = _arch.arch_of(q.device)
+    if entry is None:
+        raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {q.device}); on CPU set "
+                         "TRITON_INTERPRET=1 to run the Triton kernels, or call sage_sdpa for an exact fallback")
+    if pv == "auto":
+        pv = entry.pv_auto
+    if pv == "fp8" and not entry.fp8:
+        raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
+    from . import _attention, _quant  # triton is imported at first use, not with the package
+
+    if entry.name == "interpret":
+        from ._interpret import patch_bf16_dot
+
+        patch_bf16_dot()
+
+    DP = _arch.head_dim_bucket(D)
+    tile = entry.tiles[(DP, pv)]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qh, kh, vh = (_to_hnd(t, layout) for t in (q, k, v))
+    fp8_v = pv == "fp8"
+    if not fp8_v and vh.dtype == torch.float32:
+        vh = vh.to(torch.bfloat16)  # 16-bit P·V for fp32 inputs: bf16 keeps fp32's range
+    dims = (B, Hq, Hkv, Nq, Nk, D, DP)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
+    if Nq:
+        qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
+                             fp8_v=fp8_v)
+        _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, num_warps=tile.num_warps,
+                             num_stages=tile.num_stages)
+        if return_lse:
+            # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
+            km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)
+            lse += scale * torch.einsum("bhnd,bhd->bhn", qh.float(), km)
+    count(f"int8-{pv}pv")
+    return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("comfy_sage::sage_attention", mutates_args=())
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, scale: float,
+        pv: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, layout, is_causal, scale if scale > 0 else None, pv, return_lse)
+
+
+@_op.register_fake
+def _(q, k, v, layout, is_causal, scale, pv, return_lse):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not return_lse:
+        return out, q.new_empty(0, dtype=torch.float32)
+    B, H, N = (q.shape[0], q.shape[1], q.shape[2]) if layout == "HND" else (q.shape[0], q.shape[2], q.shape[1])
+    return out, q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, is_causal, scale, pv, return_lse = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.layout, ctx.is_causal, ctx.scale = layout, is_causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    """Straight-through: gradients of exact attention (and of its LSE), recomputed in the inputs' dtype."""
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        qh, kh, vh = (_to_hnd(t, ctx.layout).detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        scale = ctx.scale if ctx.scale > 0 else 1.0 / math.sqrt(q.shape[-1])
+        group = qh.shape[1] // kh.shape[1]
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=ctx.is_causal, scale=scale,
+                                             enable_gqa=group > 1)
+        outs, grads = [out], [_to_hnd(grad_out, ctx.layout)]
+        if grad_lse is not None and grad_lse.numel() and bool(grad_lse.ne(0).any()):
+            kk = kh.repeat_interleave(group, dim=1) if group > 1 else kh
+            s = (qh.float() @ kk.float().transpose(-1, -2)) * scale
+            if ctx.is_causal:
+                n, m = s.shape[-2:]
+                s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+            outs.append(torch.logsumexp(s, dim=-1))
+            grads.append(grad_lse)
+        need = [t for t in (qh, kh, vh) if t.requires_grad]
+        got = iter(torch.autograd.grad(outs, need, grads))
+        res = [(_to_hnd(next(got), ctx.layout) if t.requires_grad else None) for t in (qh, kh, vh)]
+    return (*res, None, None, None, None, None)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return_lse=False, pv="auto"):
+    """8-bit attention (INT8 Q·Kᵀ, FP8 or FP16 P·V).
+
+    q: [B, Hq, Nq, D] (layout="HND") or [B, Nq, Hq, D] ("NHD"); k, v: [B, Hkv, Nk, D] with Hq % Hkv == 0.
+    fp16/bf16 in → same dtype out; fp32 in → computed in 8/16-bit, returned as fp32. Causal masking follows
+    SDPA (query i sees keys j <= i). With return_lse, also returns the natural-log LSE [B, Hq, Nq] in fp32.
+    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), or "auto" (per-arch table).
+    """
+    check_args(q, k, v, layout, pv, scale)
+    out, lse = _op(q, k, v, layout, bool(is_causal), float(scale) if scale is not None else 0.0, pv,
+                   bool(return_lse))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,111 @@
+"""One config table per GPU arch: which P·V precision `pv="auto"` takes, block shapes, and where SDPA is faster.
+
+Numbers for sm90 come from bench/ runs on the lent H100 (see bench/NOTES.md); the other arches carry the same
+shapes scaled to their shared memory until measured there.
+"""
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    name: str
+    fp8: bool                 # FP8 e4m3 tensor cores (sm89+)
+    pv_auto: str              # what pv="auto" runs
+    why: str                  # one line for `doctor` and README
+    tiles: dict = field(default_factory=dict)  # (padded head dim, pv) -> Tile
+    # sage_sdpa keeps SDPA below this many (query, key) pairs per head: launch and quantization overhead win there.
+    min_pairs: int = 0
+
+
+def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
+    return {(d, pv): (wide if d == 256 else big if d >= 128 else small)
+            for d in (32, 64, 128, 256) for pv in ("fp16", "fp8")}
+
+
+_AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
+_HOPPER = _tiles(Tile(128, 128, 8, 2), Tile(128, 128, 8, 3), Tile(64, 64, 8, 2))
+
+ARCHES = {
+    "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
+    "sm86": ArchEntry("sm86", False, "fp16", "RTX 30xx: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
+    "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
+    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V measured faster at equal accuracy budget",
+                      _HOPPER, 1 << 22),
+    "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
+    # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
+    "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",
+                           _tiles(Tile(32, 32, 4, 1), Tile(32, 32, 4, 1), Tile(16, 32, 4, 1)), 0),
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def arch_of(device) -> ArchEntry | None:
+    """The table entry for a device, or None where the INT8 kernel does not apply (old GPUs, CPU without the
+    interpreter)."""
+    import torch
+
+    if device.type == "cpu":
+        return ARCHES["interpret"] if interpreting() else None
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return None
+    key = f"sm{major}{minor}"
+    if key in ARCHES:
+        return ARCHES[key]
+    if major >= 12:
+        return ARCHES["sm120"]
+    if major >= 9:
+        return ARCHES["sm90"]
+    return ARCHES["sm89"] if minor >= 9 else ARCHES["sm86"]
+
+
+def head_dim_bucket(d: int) -> int:
+    return max(32, 1 << (d - 1).bit_length())
+
+
+def doctor() -> dict:
+    """What this machine has and which kernel path it gets, and why."""
+    import torch
+
+    info = {"torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["capability"] = "sm%d%d" % torch.cuda.get_device_capability(dev)
+        entry = arch_of(dev)
+    else:
+        info["gpu"] = None
+        dev = torch.device("cpu")
+        entry = arch_of(dev)
+    if info["triton"] is None:
+        info["path"], info["why"] = "sdpa", "triton is not installed: every call falls back to SDPA"
+    elif entry is None:
+        info["path"] = "sdpa"
+        info["why"] = ("no CUDA GPU: sage_sdpa falls back to SDPA (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+                       if dev.type == "cpu" else "GPU older than sm80 (no INT8 tensor-core path): SDPA")
+    else:
+        info["arch"] = entry.name
+        info["path"] = f"int8-{entry.pv_auto}pv"
+        info["why"] = entry.why
+        info["sdpa_below_pairs"] = entry.min_pairs
+    return info

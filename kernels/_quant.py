@@ -1,0 +1,137 @@
+"""Fused quantization: one launch reads q, k, v once and writes INT8 q and k, FP8 v (when P·V is FP8), and scales.
+
+- q: one scale per token (finest granularity, free in the attention kernel: it scales a row), with
+  `softmax scale · log2(e)` folded in so the attention kernel's softmax is a single exp2.
+- k: smoothed by subtracting a mean over tokens, then one scale per BLOCK_N tokens (the attention kernel's key
+  block). Any vector shared by all tokens keeps the scores exact up to a per-row shift, which softmax ignores;
+  we use the mean of SAMPLE evenly spaced tokens so every program computes the same vector from a few L2-resident
+  rows and k is still read once.
+- v (FP8 path only): one scale per channel per key block, stored transposed ([D, N]) because FP8 tensor cores
+  want both operands K-major.
+
+Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
+masks) and to a 16-byte row stride along the head dim.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SAMPLE = 64          # tokens averaged for the K smoothing vector
+FP8_MAX = 448.0      # largest finite float8 e4m3fn
+
+
+@triton.jit
+def _round_int8(x):
+    # Round half away from zero, then truncate: the same on GPUs and in the interpreter.
+    return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, d, D: tl.constexpr, DP: tl.constexpr):
+    if D == DP:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_kernel(Q, K, V, Q8, QS, K8, KS, KM, V8, VS,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                  Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
+                  D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    role = tl.program_id(2)
+    d = tl.arange(0, DP)
+    if role == 0:
+        # q: per-token scale.
+        b = bh // Hq
+        h = bh % Hq
+        rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
+            x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
+                           + d[None, :], rows < Nq, d, D, DP)
+            amax = tl.max(tl.abs(x), axis=1)
+            s = tl.where(amax > 0, amax / 127.0, 1.0)
+            x8 = _round_int8(x * (1.0 / s)[:, None])
+            base = (bh.to(tl.int64) * Nq_pad + rows) * DS
+            tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
+            tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
+    elif bh < BHkv:
+        b = bh // Hkv
+        h = bh % Hkv
+        if pid * BLOCK_K < Nk_pad:
+            rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+            if role == 1:
+                # k: smoothing vector from SAMPLE_N evenly spaced tokens, then one scale per block.
+                kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+                si = tl.arange(0, SAMPLE_N)
+                srows = (si.to(tl.int64) * Nk) // SAMPLE_N
+                mean = tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP),
+                              axis=0) / SAMPLE_N
+                x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
+                x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
+                amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+                s = tl.where(amax > 0, amax / 127.0, 1.0)
+                x8 = _round_int8(x * (1.0 / s))
+                base = (bh.to(tl.int64) * Nk_pad + rows) * DS
+                tl.store(K8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
+                tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
+                if pid == 0:
+                    tl.store(KM + bh.to(tl.int64) * DP + d, mean)
+            elif QUANT_V:
+                # v: per-channel scale per key block, written transposed [D, Nk_pad].
+                x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
+                               + d[None, :], rows < Nk, d, D, DP)
+                amax = tl.max(tl.abs(x), axis=0)
+                s = tl.where(amax > 0, amax / 448.0, 1.0)
+                x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
+                vt = V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + rows[:, None]
+                tl.store(vt, x8, mask=d[None, :] < D)
+                tl.store(VS + (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * DP + d, s)
+
+
+@dataclass
+class Quantized:
+    q8: torch.Tensor      # [B, Hq, Nq_pad, DS] int8
+    qs: torch.Tensor      # [B, Hq, Nq_pad] fp32, includes softmax scale * log2(e)
+    k8: torch.Tensor      # [B, Hkv, Nk_pad, DS] int8, smoothed
+    ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n] fp32
+    kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
+    v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
+    vs: torch.Tensor | None   # [B, Hkv, Nk_pad // block_n, DP] fp32
+
+
+def _ceil(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool) -> Quantized:
+    """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP)."""
+    B, Hq, Hkv, Nq, Nk, D, DP = dims
+    DS = _ceil(D, 16)
+    Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
+    dev = q.device
+    q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)
+    qs = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev)
+    k8 = torch.empty((B, Hkv, Nk_pad, DS), dtype=torch.int8, device=dev)
+    ks = torch.empty((B, Hkv, Nk_pad // block_n), dtype=torch.float32, device=dev)
+    kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
+    if fp8_v:
+        v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
+        vs = torch.empty((B, Hkv, Nk_pad // block_n, DP), dtype=torch.float32, device=dev)
+    else:
+        v8 = vs = None
+    grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if fp8_v else 2)
+    _quant_kernel[grid](
+        q, k, v, q8, qs, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
+        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v,
+        num_warps=4,
+    )
+    return Quantized(q8, qs, k8, ks, kmean, v8, vs)

@@ -1,0 +1,65 @@
+"""`sage_sdpa`: a drop-in for F.scaled_dot_product_attention that runs the 8-bit kernel where it applies and is
+faster, and SDPA itself (exactly) everywhere else, counting why."""
+import torch
+import torch.nn.functional as F
+
+from . import _arch
+from ._api import MAX_HEAD_DIM, _op
+from ._counters import count
+
+
+def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    """None when the 8-bit kernel applies; else (counter path, reason)."""
+    if attn_mask is not None:
+        return "sdpa:mask", "an attention mask is given (the 8-bit kernel takes none)"
+    if dropout_p:
+        return "sdpa:dropout", "dropout_p > 0"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "sdpa:rank", "inputs are not [B, H, N, D]"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16,
+                                                                             torch.float32):
+        return "sdpa:dtype", f"dtype {query.dtype}/{key.dtype}/{value.dtype}"
+    if query.dtype == torch.float32:
+        return "sdpa:fp32", "fp32 inputs ask for full precision"
+    if not (query.device == key.device == value.device):
+        return "sdpa:device", "tensors on different devices"
+    D = query.shape[-1]
+    if key.shape[-1] != D or value.shape[-1] != D or not 1 <= D <= MAX_HEAD_DIM:
+        return "sdpa:head_dim", f"head dim {D} (v {value.shape[-1]}) is outside what the kernel takes"
+    if key.shape[1] != value.shape[1] or key.shape[-2] != value.shape[-2] or key.shape[0] != query.shape[0]:
+        return "sdpa:shape", "mismatched shapes (SDPA reports the error)"
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if Hq != Hkv and not (enable_gqa and Hkv and Hq % Hkv == 0):
+        return "sdpa:shape", "head counts differ without enable_gqa"
+    if key.shape[-2] == 0:
+        return "sdpa:empty", "no keys"
+    if scale is not None and not scale > 0:
+        return "sdpa:scale", "non-positive scale"
+    entry = _arch.arch_of(query.device)
+    if entry is None:
+        if query.device.type == "cpu":
+            return "sdpa:cpu", "CPU tensors"
+        return "sdpa:gpu", "GPU without INT8 tensor cores (needs sm80+)"
+    if query.requires_grad or key.requires_grad or value.requires_grad:
+        pass  # the op's backward is exact; forward stays 8-bit
+    if query.shape[-2] * key.shape[-2] < entry.min_pairs:
+        return "sdpa:short", f"sequence too short to gain on {entry.name} (< {entry.min_pairs} query-key pairs)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "sdpa:no_triton", "triton is not installed"
+    return None
+
+
+def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              *, pv="auto"):
+    """Same arguments and result as F.scaled_dot_product_attention ([B, H, N, D] inputs)."""
+    why = _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if why is None:
+        return _op(query, key, value, "HND", bool(is_causal), float(scale) if scale is not None else 0.0, pv,
+                   False)[0]
+    if not torch.compiler.is_compiling():
+        count(*why)
+    kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kwargs)
