@@ -32,7 +32,7 @@ def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
 
 
 _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
-_HOPPER = _tiles(Tile(128, 128, 8, 2), Tile(128, 128, 8, 3), Tile(64, 64, 8, 2))
+_HOPPER = _tiles(Tile(128, 64, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 8, 2))
 
 ARCHES = {
     "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),

@@ -13,16 +13,11 @@ LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _tile(ptrs, d, D: tl.constexpr, DP: tl.constexpr, d_axis: tl.constexpr, other=None, row_ok=None):
-    """Load a tile whose head-dim axis `d_axis` is masked only when the head dim is not a power of two."""
-    if D == DP:
-        if row_ok is None:
-            return tl.load(ptrs)
-        return tl.load(ptrs, mask=row_ok, other=other)
-    dm = (d[None, :] < D) if d_axis == 1 else (d[:, None] < D)
-    if row_ok is None:
-        return tl.load(ptrs, mask=dm, other=other)
-    return tl.load(ptrs, mask=dm & row_ok, other=other)
+def _load(ptrs, mask, MASKED: tl.constexpr, other=0):
+    """Masked load only where the tile can cross an edge (constexpr), so whole tiles load unmasked."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -33,7 +28,7 @@ def _blocks(acc, l_i, m_i, q8, qs, k_ptr, ks_ptr, v_ptr, vs_ptr, rows, d, lo, hi
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + cols0
-        k = _tile(k_ptr + cols[:, None] * DS + d[None, :], d, D, DP, 1, 0)
+        k = _load(k_ptr + cols[:, None] * DS + d[None, :], d[None, :] < D, D != DP)
         s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         c = qs * tl.load(ks_ptr + n0 // BLOCK_N)  # per-row scale: q scale (with sm_scale*log2e) times k block scale
         if MASKED:
@@ -46,18 +41,15 @@ def _blocks(acc, l_i, m_i, q8, qs, k_ptr, ks_ptr, v_ptr, vs_ptr, rows, d, lo, hi
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
-            vt = _tile(v_ptr + d[:, None] * Nk_pad + cols[None, :], d, D, DP, 0, 0.0)
+            vt = _load(v_ptr + d[:, None] * Nk_pad + cols[None, :], d[:, None] < D, D != DP, 0.0)
             pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), out_dtype=tl.float32)
             # Two-level accumulation: FP8 products summed over one block only, then added in FP32 with the
             # block's per-channel v scale (FP8 MMA accumulators keep fewer bits than FP32).
             vs = tl.load(vs_ptr + (n0 // BLOCK_N) * DP + d)
             acc = acc * alpha[:, None] + pv * vs[None, :]
         else:
-            vp = v_ptr + cols[:, None].to(tl.int64) * svn + d[None, :]
-            if MASKED:
-                v = _tile(vp, d, D, DP, 1, 0.0, cols[:, None] < Nk)
-            else:
-                v = _tile(vp, d, D, DP, 1, 0.0)
+            v = _load(v_ptr + cols[:, None].to(tl.int64) * svn + d[None, :], (cols[:, None] < Nk) & (d[None, :] < D),
+                      MASKED or D != DP)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -78,7 +70,7 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, DP)
 
-    q8 = _tile(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d, D, DP, 1, 0)
+    q8 = _load(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
     qs = tl.load(QS + bh.to(tl.int64) * Nq_pad + rows)
     nkb = Nk_pad // BLOCK_N
     k_ptr = K8 + bhk.to(tl.int64) * Nk_pad * DS

@@ -37,61 +37,77 @@ def _load_tile(ptrs, row_ok, d, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
+def _quant_q(Q, Q8, QS, bh, b, h, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult,
+             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # q: per-token scale, with softmax scale * log2(e) folded in.
+    d = tl.arange(0, DP)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
+                   + d[None, :], rows < Nq, d, D, DP)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.where(amax > 0, amax / 127.0, 1.0)
+    x8 = _round_int8(x * (1.0 / s)[:, None])
+    base = (bh.to(tl.int64) * Nq_pad + rows) * DS
+    tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
+    tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
+
+
+@triton.jit
+def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
+             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr):
+    # k: smoothing vector from SAMPLE_N evenly spaced tokens (identical in every program), one scale per block.
+    d = tl.arange(0, DP)
+    rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    si = tl.arange(0, SAMPLE_N)
+    srows = (si.to(tl.int64) * Nk) // SAMPLE_N
+    mean = tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP), axis=0) / SAMPLE_N
+    x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
+    x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    s = tl.where(amax > 0, amax / 127.0, 1.0)
+    x8 = _round_int8(x * (1.0 / s))
+    base = (bh.to(tl.int64) * Nk_pad + rows) * DS
+    tl.store(K8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
+    tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
+    if pid == 0:
+        tl.store(KM + bh.to(tl.int64) * DP + d, mean)
+
+
+@triton.jit
+def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
+             D: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # v (FP8 path): per-channel scale per key block, written transposed [D, Nk_pad]; pad tokens become zeros.
+    d = tl.arange(0, DP)
+    rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
+                   + d[None, :], rows < Nk, d, D, DP)
+    amax = tl.max(tl.abs(x), axis=0)
+    s = tl.where(amax > 0, amax / 448.0, 1.0)
+    x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
+    tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + rows[:, None], x8, mask=d[None, :] < D)
+    tl.store(VS + (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * DP + d, s)
+
+
+@triton.jit
 def _quant_kernel(Q, K, V, Q8, QS, K8, KS, KM, V8, VS,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr):
+    # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
-    d = tl.arange(0, DP)
     if role == 0:
-        # q: per-token scale.
-        b = bh // Hq
-        h = bh % Hq
-        rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
         if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
-            x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
-                           + d[None, :], rows < Nq, d, D, DP)
-            amax = tl.max(tl.abs(x), axis=1)
-            s = tl.where(amax > 0, amax / 127.0, 1.0)
-            x8 = _round_int8(x * (1.0 / s)[:, None])
-            base = (bh.to(tl.int64) * Nq_pad + rows) * DS
-            tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
-            tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
-    elif bh < BHkv:
-        b = bh // Hkv
-        h = bh % Hkv
-        if pid * BLOCK_K < Nk_pad:
-            rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-            if role == 1:
-                # k: smoothing vector from SAMPLE_N evenly spaced tokens, then one scale per block.
-                kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-                si = tl.arange(0, SAMPLE_N)
-                srows = (si.to(tl.int64) * Nk) // SAMPLE_N
-                mean = tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP),
-                              axis=0) / SAMPLE_N
-                x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
-                x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
-                amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-                s = tl.where(amax > 0, amax / 127.0, 1.0)
-                x8 = _round_int8(x * (1.0 / s))
-                base = (bh.to(tl.int64) * Nk_pad + rows) * DS
-                tl.store(K8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
-                tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
-                if pid == 0:
-                    tl.store(KM + bh.to(tl.int64) * DP + d, mean)
-            elif QUANT_V:
-                # v: per-channel scale per key block, written transposed [D, Nk_pad].
-                x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
-                               + d[None, :], rows < Nk, d, D, DP)
-                amax = tl.max(tl.abs(x), axis=0)
-                s = tl.where(amax > 0, amax / 448.0, 1.0)
-                x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
-                vt = V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + rows[:, None]
-                tl.store(vt, x8, mask=d[None, :] < D)
-                tl.store(VS + (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * DP + d, s)
+            _quant_q(Q, Q8, QS, bh, bh // Hq, bh % Hq, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult, D, DP, DS, BLOCK_Q)
+    elif (pid * BLOCK_K < Nk_pad) & (bh < BHkv):
+        if role == 1:
+            _quant_k(K, K8, KS, KM, bh, bh // Hkv, bh % Hkv, pid, skb, skh, skn, Nk, Nk_pad, D, DP, DS, BLOCK_K,
+                     SAMPLE_N)
+        elif QUANT_V:
+            _quant_v(V, V8, VS, bh, bh // Hkv, bh % Hkv, pid, svb, svh, svn, Nk, Nk_pad, D, DP, BLOCK_K)
 
 
 @dataclass

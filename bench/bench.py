@@ -1,0 +1,231 @@
+"""Kernel benchmark: `python -m comfy_sage bench` (needs a CUDA GPU).
+
+The grid and TOPS formula of shared/anchors/h100.md: fp16, HND, B = max(1, 16384 // N), H = 32 (D=64) or 24
+(D=128), TOPS = 4·B·H·N²·D / time, halved for causal; 8-bit columns include their own quantization. Every run
+measures SDPA's flash, efficient and cuDNN backends in the same process. Accuracy vs fp32 on `randn` and `kbias`
+inputs (B=1, H=8, N=4096). Writes bench/results/<gpu>-<date>.json and .png and prints ratios.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..kernels import sage_attention, sage_sdpa
+from ..kernels import _api, _arch
+
+GRID_N = (1024, 2048, 4096, 8192, 16384, 32768)
+SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def grid(quick=False):
+    for D in (64, 128):
+        H = 32 if D == 64 else 24
+        for N in ((4096, 16384) if quick else GRID_N):
+            for causal in (False, True):
+                yield dict(B=max(1, 16384 // N), H=H, N=N, D=D, causal=causal)
+
+
+def methods():
+    m = {name: (lambda be: lambda q, k, v, c: _sdpa_with(be, q, k, v, c))(be) for name, be in SDPA.items()}
+    m["sdpa_default"] = lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c)
+    m["sage_fp16pv"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv="fp16")
+    m["sage_fp8pv"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv="fp8")
+    m["sage_sdpa"] = lambda q, k, v, c: sage_sdpa(q, k, v, is_causal=c)
+    try:
+        from sageattention import sageattn
+
+        m["sageattention_pypi"] = lambda q, k, v, c: sageattn(q, k, v, is_causal=c, tensor_layout="HND")
+    except ImportError:
+        pass
+    return m
+
+
+def _sdpa_with(backend, q, k, v, causal):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def tops(s, ms):
+    return 4 * s["B"] * s["H"] * s["N"] ** 2 * s["D"] / (ms * 1e-3) / 1e12 * (0.5 if s["causal"] else 1.0)
+
+
+def _time(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def inputs(s, kind="randn", dtype=torch.float16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (s["B"], s["H"], s["N"], s["D"])
+    q, k, v = (torch.randn(shape, device="cuda", generator=g) for _ in range(3))
+    if kind == "kbias":  # per-channel offset shared by all tokens (std 8), q doubled
+        k = k + 8 * torch.randn((1, s["H"], 1, s["D"]), device="cuda", generator=g)
+        q = q * 2
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def metrics(out, ref):
+    o, r = out.float().flatten(), ref.float().flatten()
+    return [round(F.cosine_similarity(o, r, dim=0).item(), 6), round(((o - r).abs().sum() / r.abs().sum()).item(), 6),
+            round(((o - r) ** 2).mean().sqrt().item(), 6)]
+
+
+def speed(ms_, quick=False, names=None):
+    rows = []
+    for s in grid(quick):
+        q, k, v = inputs(s)
+        row = dict(s)
+        for name, fn in ms_.items():
+            if names and name not in names:
+                continue
+            try:
+                row[name] = round(tops(s, _time(lambda: fn(q, k, v, s["causal"]))), 1)
+            except Exception as e:  # a backend that does not run this shape is reported, not fatal
+                row[name] = None
+                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        del q, k, v
+    return rows
+
+
+def accuracy(ms_):
+    rows = []
+    for kind in ("randn", "kbias"):
+        for D in (64, 128):
+            for causal in (False, True):
+                s = dict(B=1, H=8, N=4096, D=D, causal=causal)
+                q, k, v = inputs(s, kind, seed=1)
+                with sdpa_kernel([SDPBackend.MATH]):
+                    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+                row = dict(kind=kind, D=D, causal=causal)
+                for name, fn in ms_.items():
+                    if name != "sdpa_efficient" and name.startswith("sdpa"):
+                        continue
+                    row[name] = metrics(fn(q, k, v, causal), ref)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def robustness():
+    """bf16 with |v| up to 6e4 and large q/k: every output finite where SDPA's is."""
+    res = []
+    for pv in ("fp16", "fp8"):
+        for causal in (False, True):
+            s = dict(B=1, H=8, N=4096, D=128, causal=causal)
+            q, k, v = inputs(s, dtype=torch.bfloat16, seed=2)
+            v = (v.float() * 2e4).clamp(-6e4, 6e4).to(torch.bfloat16)
+            q, k = q * 30, k * 30
+            out = sage_attention(q, k, v, is_causal=causal, pv=pv)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            res.append(dict(pv=pv, causal=causal, finite=bool(out.isfinite().all()),
+                            sdpa_finite=bool(ref.isfinite().all()), rel_l1=metrics(out, ref)[1]))
+            print(res[-1], flush=True)
+    return res
+
+
+def sweep(shapes, tiles, pvs=("fp16", "fp8")):
+    """TOPS of each tile for the given shapes (tuning the arch table)."""
+    rows = []
+    for s in shapes:
+        q, k, v = inputs(s)
+        for pv in pvs:
+            for t in tiles:
+                try:
+                    ms = _time(lambda: _api._forward(q, k, v, "HND", s["causal"], None, pv, False, tile=t))
+                    r = round(tops(s, ms), 1)
+                except Exception as e:
+                    r = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(dict(s, pv=pv, tile=[t.block_m, t.block_n, t.num_warps, t.num_stages], tops=r))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _fmt(row):
+    keys = [k for k in row if k not in ("B", "H", "N", "D", "causal", "errors")]
+    head = f"D={row['D']:<3} N={row['N']:<5} {'causal' if row['causal'] else 'full  '}"
+    return head + " " + " ".join(f"{k}={row[k]}" for k in keys)
+
+
+def ratio_table(rows):
+    lines = ["| D | N | mask | best sage (TOPS) | path | x cuDNN | x FA2 | sage_sdpa x best SDPA |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sage = {k: r[k] for k in ("sage_fp16pv", "sage_fp8pv") if r.get(k)}
+        if not sage:
+            continue
+        best_name = max(sage, key=sage.get)
+        best_sdpa = max(r[k] for k in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_default") if r.get(k))
+        lines.append(f"| {r['D']} | {r['N']} | {'causal' if r['causal'] else 'full'} | {sage[best_name]} | "
+                     f"{best_name[5:]} | {sage[best_name] / r['sdpa_cudnn']:.2f} | {sage[best_name] / r['sdpa_flash']:.2f} | "
+                     f"{(r.get('sage_sdpa') or 0) / best_sdpa:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, (D, causal) in zip(axes.flat, [(64, False), (64, True), (128, False), (128, True)]):
+        sel = [r for r in rows if r["D"] == D and r["causal"] == causal]
+        names = [k for k in sel[0] if k not in ("B", "H", "N", "D", "causal", "errors")]
+        for name in names:
+            ax.plot([r["N"] for r in sel], [r.get(name) or float("nan") for r in sel], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"head dim {D}, {'causal' if causal else 'full'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TOPS")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"comfy_sage vs SDPA on {torch.cuda.get_device_name()} (fp16, quantization included)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m comfy_sage bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N in {4096, 16384} only")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--sweep", action="store_true", help="tile sweep at N=16384 instead of the grid")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU; `python -m comfy_sage doctor` says what this machine has")
+    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), doctor=_arch.doctor())
+    import triton
+
+    env["triton"] = triton.__version__
+    result = dict(env=env)
+    if args.sweep:
+        T = _arch.Tile
+        tiles = [T(128, 64, 8, 2), T(128, 64, 8, 3), T(128, 64, 8, 4), T(128, 128, 8, 2), T(128, 128, 8, 3),
+                 T(64, 64, 4, 3), T(64, 128, 4, 3)]
+        shapes = [dict(B=1, H=H, N=16384, D=D, causal=c) for D, H in ((64, 32), (128, 24)) for c in (False, True)]
+        result["sweep"] = sweep(shapes, tiles)
+    else:
+        ms_ = methods()
+        result["speed_tops"] = speed(ms_, args.quick)
+        if not args.skip_accuracy:
+            result["accuracy_cos_l1_rmse"] = accuracy(ms_)
+            result["robustness_bf16"] = robustness()
+        print(ratio_table(result["speed_tops"]))
+    os.makedirs(args.out, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
+    stem = os.path.join(args.out, f"{tag}-{datetime.date.today().isoformat()}{'-sweep' if args.sweep else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    if "speed_tops" in result:
+        plot(result["speed_tops"], stem + ".png")
+    print("wrote", stem + ".json")
+    return 0

@@ -1,0 +1,83 @@
+"""A pure-torch model of the kernels' arithmetic: the same blocks, scales, rounding and online softmax.
+
+Tests run the Triton kernels (on CPU through TRITON_INTERPRET=1) against this model, and both against fp32
+attention. Not used on the hot path.
+"""
+import math
+
+import torch
+
+from ._attention import P_SHIFT_FP8
+from ._quant import FP8_MAX, LOG2E, SAMPLE
+
+
+def _round_int8(x):
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5)).to(torch.int8)
+
+
+def quantize(q, k, v, *, scale, block_n, fp8_v):
+    """q, k, v: [B, H, N, D]. Returns q8, qs [B,H,N], k8, ks [B,H,nb], kmean [B,H,D], v8 (or None), vs."""
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    amax = q32.abs().amax(-1)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q8 = _round_int8(q32 * (1.0 / s)[..., None])
+    qs = s * (scale * LOG2E)
+
+    Nk = k.shape[2]
+    idx = (torch.arange(SAMPLE) * Nk) // SAMPLE
+    kmean = k32[:, :, idx].sum(2) / SAMPLE
+    nb = -(-Nk // block_n)
+    pad = nb * block_n - Nk
+    kc = torch.nn.functional.pad(k32 - kmean[:, :, None], (0, 0, 0, pad))
+    kb = kc.unflatten(2, (nb, block_n))
+    amax = kb.abs().amax((-1, -2))
+    ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    k8 = _round_int8(kb * (1.0 / ks)[..., None, None]).flatten(2, 3)[:, :, :Nk]
+
+    v8 = vs = None
+    if fp8_v:
+        vb = torch.nn.functional.pad(v32, (0, 0, 0, pad)).unflatten(2, (nb, block_n))
+        amax = vb.abs().amax(-2)
+        vs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        v8 = (vb * (1.0 / vs)[..., None, :]).to(torch.float8_e4m3fn).flatten(2, 3)[:, :, :Nk]
+    return q8, qs, k8, ks, kmean, v8, vs
+
+
+def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
+    """Model of sage_attention for HND inputs; returns (out in q's dtype, natural-log LSE fp32)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    fp8_v = pv == "fp8"
+    q8, qs, k8, ks, kmean, v8, vs = quantize(q, k, v, scale=scale, block_n=block_n, fp8_v=fp8_v)
+    g = Hq // Hkv
+    k8, ks, kmean = (t.repeat_interleave(g, 1) for t in (k8, ks, kmean))
+    if fp8_v:
+        v8, vs = v8.repeat_interleave(g, 1), vs.repeat_interleave(g, 1)
+    vv = v.repeat_interleave(g, 1)
+    pdtype = torch.bfloat16 if v.dtype in (torch.bfloat16, torch.float32) else torch.float16
+    shift = P_SHIFT_FP8 if fp8_v else 0.0
+
+    m = torch.full((B, Hq, Nq), float("-inf"))
+    l = torch.zeros(B, Hq, Nq)
+    acc = torch.zeros(B, Hq, Nq, D)
+    rows = torch.arange(Nq)[:, None]
+    for j, n0 in enumerate(range(0, Nk, block_n)):
+        n1 = min(n0 + block_n, Nk)
+        s = (q8.double() @ k8[:, :, n0:n1].double().transpose(-1, -2)).float()
+        if is_causal:
+            s = s.masked_fill(torch.arange(n0, n1)[None, :] > rows, float("-inf"))
+        c = qs * ks[:, :, j, None]
+        m_new = torch.maximum(m, s.amax(-1) * c)
+        p = torch.exp2(s * c[..., None] - (m_new - shift)[..., None])
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(-1)
+        if fp8_v:
+            pv_ = p.to(torch.float8_e4m3fn).float() @ v8[:, :, n0:n1].float()
+            acc = acc * alpha[..., None] + pv_ * vs[:, :, j, None, :]
+        else:
+            acc = acc * alpha[..., None] + p.to(pdtype).float() @ vv[:, :, n0:n1].to(pdtype).float()
+        m = m_new
+    out = (acc / l[..., None]).to(q.dtype)
+    lse = (m + torch.log2(l) - shift) * math.log(2) + scale * torch.einsum("bhnd,bhd->bhn", q.float(), kmean)
+    return out, lse
