@@ -1,0 +1,317 @@
+"""`enable_sage` / `disable_sage`: switch the attention of diffusers models (or of every denoiser of a pipeline)
+to comfy_sage, optionally following a `Schedule` (which steps, blocks and attention kinds run 8-bit).
+
+Per attention module ("site"):
+  * processors that call diffusers' dispatcher get `_attention_backend` = one of our registered backends;
+  * processors that call F.scaled_dot_product_attention themselves are wrapped (`SageSDPAProcessor`);
+  * anything else (e.g. a processor doing its own math) is left alone and listed in `SageReport.skipped`.
+
+Blocks are numbered as the shared schedule model expects: a flat index in forward order over the model's
+top-level block lists (`blocks`, `transformer_blocks`, then `single_transformer_blocks`...), plus the group
+("double" for the first list, "single" for a `single_*` list) and the index inside that list. Attention outside
+those lists (HunyuanVideo's token refiner) has no block index.
+
+Steps: before every forward of a denoiser, a pre-hook reads the pipeline scheduler's position (`step_index`, or
+the model's `timestep` matched against `scheduler.timesteps` for schedulers without one) and sets each site's
+variant for that step. A bare model (no pipeline) with a step-dependent schedule takes its step from
+`set_step(model, step, num_steps)`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.schedule import Schedule, ScheduleError
+from .backend import PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, wrap_sdpa_processor
+
+log = logging.getLogger("comfy_sage")
+
+_STATE_ATTR = "_comfy_sage_state"
+# pipeline components that are denoisers; VAEs, text and image encoders are never touched
+_DENOISER_PREFIXES = ("transformer", "unet", "prior", "decoder_transformer")
+
+
+@dataclass
+class Site:
+    name: str
+    module: torch.nn.Module
+    route: str                  # "dispatch" | "sdpa"
+    kind: str                   # "self" | "cross"
+    block: int | None
+    group: str | None
+    group_index: int | None
+    original: object            # the processor's previous _attention_backend, or the processor itself
+    variant: object = "unset"   # pv currently applied ("auto"/"fp16"/"fp8") or None (exact)
+
+
+@dataclass
+class SageReport:
+    """What `enable_sage` did to one model."""
+    model: str
+    sites: list = field(default_factory=list)      # [(name, route, kind, block)]
+    skipped: list = field(default_factory=list)    # [(name, why)]
+    num_blocks: int = 0
+    groups: dict = field(default_factory=dict)
+
+    def __str__(self):
+        routes = {}
+        for _, route, _, _ in self.sites:
+            routes[route] = routes.get(route, 0) + 1
+        s = f"{self.model}: {len(self.sites)} attention sites -> comfy_sage ({routes})"
+        if self.skipped:
+            s += f"; left alone: {len(self.skipped)} ({self.skipped[0][1]})"
+        return s
+
+
+class _State:
+    def __init__(self, model, sites, schedule, pv, step_source, report):
+        self.model = model
+        self.sites = sites
+        self.schedule = schedule
+        self.pv = pv
+        self.step_source = step_source   # callable(args, kwargs) -> (step, num_steps) or None
+        self.manual_step = None
+        self.report = report
+        self.applied_for = object()
+        self.hook = None
+        self.trace = None                # list of (step, num_steps, site name, variant) when tracing
+
+    def resolve(self, step, num_steps):
+        out = []
+        for s in self.sites:
+            if self.schedule is None:
+                v = self.pv
+            else:
+                v = self.schedule.variant(step, num_steps, s.block, s.kind, group=s.group,
+                                          group_index=s.group_index)
+                if v == "auto":
+                    v = self.pv
+            out.append(v)
+        return out
+
+    def apply(self, step, num_steps):
+        key = (step, num_steps)
+        if key == self.applied_for:
+            return
+        for s, v in zip(self.sites, self.resolve(step, num_steps)):
+            if v != s.variant:
+                _set_site(s, v)
+        self.applied_for = key
+        if self.trace is not None:
+            self.trace.append((step, num_steps, {s.name: s.variant for s in self.sites}))
+
+
+def _set_site(site, pv):
+    proc = site.module.processor
+    if site.route == "dispatch":
+        proc._attention_backend = backend_member(pv)
+    else:
+        proc.pv = pv
+    site.variant = pv
+
+
+def _attention_classes():
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention, MochiAttention
+
+    return (Attention, MochiAttention, AttentionModuleMixin)
+
+
+def _calls_sdpa(processor) -> bool:
+    import inspect
+
+    try:
+        src = inspect.getsource(type(processor).__call__)
+    except (OSError, TypeError):
+        return False
+    return "scaled_dot_product_attention" in src
+
+
+def _block_lists(model):
+    """[(attribute name, ModuleList, group)] of the model's top-level block lists, in registration order."""
+    lists = [(n, m) for n, m in model.named_children()
+             if isinstance(m, torch.nn.ModuleList) and re.search(r"blocks$", n) and len(m)]
+    out = []
+    for n, m in lists:
+        group = "single" if n.startswith("single") else "double"
+        out.append((n, m, group))
+    return out
+
+
+def _discover(model):
+    classes = _attention_classes()
+    lists = _block_lists(model)
+    flat_base, offset = {}, 0
+    groups = {}
+    for n, m, g in lists:
+        flat_base[n] = offset
+        offset += len(m)
+        groups[g] = groups.get(g, 0) + len(m)
+    sites, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, classes):
+            continue
+        proc = getattr(module, "processor", None)
+        if proc is None:
+            continue
+        parts = name.split(".")
+        block = group = gidx = None
+        if len(parts) >= 2 and parts[0] in flat_base and parts[1].isdigit():
+            gidx = int(parts[1])
+            block = flat_base[parts[0]] + gidx
+            group = next(g for n, _, g in lists if n == parts[0])
+        cross = getattr(module, "is_cross_attention", None)
+        kind = "cross" if (cross if cross is not None else parts[-1] == "attn2") else "self"
+        if isinstance(proc, SageSDPAProcessor):
+            raise RuntimeError(f"{name} already runs comfy_sage (call disable_sage first)")
+        if hasattr(proc, "_attention_backend"):
+            sites.append(Site(name, module, "dispatch", kind, block, group, gidx, proc._attention_backend))
+        elif _calls_sdpa(proc):
+            sites.append(Site(name, module, "sdpa", kind, block, group, gidx, proc))
+        else:
+            skipped.append((name, f"{type(proc).__name__} neither dispatches nor calls SDPA"))
+    return sites, skipped, offset, groups
+
+
+def _scheduler_step(pipe):
+    """A step source reading the pipeline's scheduler at each denoiser forward."""
+
+    def source(args, kwargs):
+        sched = getattr(pipe, "scheduler", None)
+        ts = getattr(sched, "timesteps", None)
+        if ts is None:
+            return None
+        n = len(ts)
+        idx = getattr(sched, "step_index", None) if hasattr(type(sched), "step_index") else None
+        if idx is None and hasattr(type(sched), "step_index"):
+            idx = getattr(sched, "begin_index", None) or 0
+        if idx is None:  # schedulers without step_index (DDIM...): match the timestep the model is given
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            if t is None:
+                return None
+            t = torch.as_tensor(t).flatten()[:1].to(ts.device, torch.float64)
+            idx = int(torch.argmin((ts.to(torch.float64) - t).abs()))
+        return min(int(idx), n - 1), n
+
+    return source
+
+
+def _pre_hook(state):
+    def hook(module, args, kwargs):
+        if state.schedule is None:
+            return None
+        step = state.manual_step or (state.step_source(args, kwargs) if state.step_source else None)
+        if step is None:
+            if state.schedule.steps or state.schedule.exact_steps:
+                raise RuntimeError(
+                    f"comfy_sage: the schedule selects steps ({state.schedule.describe()}) but "
+                    f"{type(module).__name__} runs outside a pipeline: enable_sage(pipeline, ...) or call "
+                    "comfy_sage.pipelines.set_step(model, step, num_steps) before each step")
+            step = (None, None)
+        state.apply(*step)
+        return None
+
+    return hook
+
+
+def _models_of(target):
+    """[(label, model, step_source)] for a diffusers model or pipeline."""
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if isinstance(target, DiffusionPipeline):
+        out = []
+        for name, comp in target.components.items():
+            if isinstance(comp, ModelMixin) and name.startswith(_DENOISER_PREFIXES):
+                out.append((name, comp, _scheduler_step(target)))
+        if not out:
+            raise ValueError(f"{type(target).__name__} has no denoiser (transformer/unet) component to switch: "
+                             f"its components are {', '.join(target.components)}")
+        return out
+    if isinstance(target, torch.nn.Module):
+        return [(type(target).__name__, target, None)]
+    raise TypeError(f"enable_sage takes a diffusers pipeline or model, got {type(target).__name__}")
+
+
+def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "auto") -> list[SageReport]:
+    """Route every attention of a diffusers model (or of each denoiser of a pipeline: Wan 2.2's `transformer`
+    and `transformer_2` included; VAE and text encoders untouched) through comfy_sage.
+
+    schedule: a `kernels.schedule.Schedule` (steps/blocks/kinds that run 8-bit; elsewhere exact attention), or
+    None for 8-bit everywhere. pv: P·V precision where the schedule says "auto" ("auto", "fp16", "fp8").
+    Returns one `SageReport` per model. Masks are honoured (exact fallback), never dropped.
+    """
+    check_pv(pv)
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a comfy_sage Schedule (Schedule.from_strings(...)), got "
+                        f"{type(schedule).__name__}")
+    reports = []
+    for label, model, source in _models_of(model_or_pipeline):
+        if getattr(model, _STATE_ATTR, None) is not None:
+            disable_sage(model)
+        sites, skipped, num_blocks, groups = _discover(model)
+        if not sites:
+            raise ValueError(f"{label} ({type(model).__name__}) has no attention that comfy_sage can route: "
+                             + ("; ".join(f"{n}: {w}" for n, w in skipped[:3]) or "no attention modules"))
+        if schedule is not None:
+            schedule.check(num_blocks=num_blocks if num_blocks else None, groups=groups or None)
+        for s in sites:
+            if s.route == "sdpa":
+                s.module.set_processor(wrap_sdpa_processor(s.original, pv))
+                s.variant = pv
+        report = SageReport(label, [(s.name, s.route, s.kind, s.block) for s in sites], skipped, num_blocks, groups)
+        state = _State(model, sites, schedule, pv, source, report)
+        # Static part now: without a schedule every site runs `pv`; with one, step 0 of an unknown count until
+        # the first forward tells the step.
+        if schedule is None or not (schedule.steps or schedule.exact_steps):
+            state.apply(None, None)
+        for s in sites:
+            if s.variant == "unset":
+                _set_site(s, None)
+        state.hook = model.register_forward_pre_hook(_pre_hook(state), with_kwargs=True)
+        setattr(model, _STATE_ATTR, state)
+        if skipped:
+            log.warning("comfy_sage: %s", report)
+        reports.append(report)
+    return reports
+
+
+def disable_sage(model_or_pipeline) -> None:
+    """Undo `enable_sage`: original backends and processors back, hooks removed. A no-op where not enabled."""
+    for _, model, _ in _models_of(model_or_pipeline):
+        state = getattr(model, _STATE_ATTR, None)
+        if state is None:
+            continue
+        state.hook.remove()
+        for s in state.sites:
+            if s.route == "dispatch":
+                s.module.processor._attention_backend = s.original
+            else:
+                s.module.set_processor(s.original)
+        delattr(model, _STATE_ATTR)
+
+
+def sage_state(model):
+    """The enable_sage state of a model (None when not enabled); `.report`, `.sites`, `.trace`."""
+    return getattr(model, _STATE_ATTR, None)
+
+
+def set_step(model, step: int, num_steps: int) -> None:
+    """For a bare model with a step-dependent schedule: the step the next forwards belong to."""
+    state = sage_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not enabled: call enable_sage(model, schedule) first")
+    if not (isinstance(step, int) and isinstance(num_steps, int) and 0 <= step < num_steps):
+        raise ValueError(f"set_step needs 0 <= step < num_steps (integers), got step={step!r}, "
+                         f"num_steps={num_steps!r}")
+    state.manual_step = (step, num_steps)
+
+
+def is_sage_backend(value) -> bool:
+    return getattr(value, "value", value) in PV_BY_BACKEND
+
+
+__all__ = ["enable_sage", "disable_sage", "set_step", "sage_state", "SageReport", "Schedule", "ScheduleError"]
