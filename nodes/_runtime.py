@@ -1,0 +1,383 @@
+"""What Apply SageAttention installs on a cloned model: the attention override, the per-forward state that tells it
+which step and block a call belongs to, and the per-run record the report node reads.
+
+Nothing here imports `comfy` at module level; `install()` does, and only inside ComfyUI.
+
+How a call is located
+---------------------
+* step: from `transformer_options["sigmas"]` within `["sample_sigmas"]` (set by ComfyUI's sampler for every
+  sampler and scheduler, CFG batches included) -> `kernels.schedule.step_index`.
+* block, in order of preference:
+  1. UNet (SD1.5/SDXL): ComfyUI's `transformer_options["block"]` = ("input"|"middle"|"output", id) and
+     `["block_index"]`; each (block, block_index) pair is one transformer block, its first attention call is
+     self-attention and later ones cross-attention.
+  2. DiTs with block patches (Flux, HunyuanVideo, Wan, LTXV, Qwen-Image): we add a pass-through
+     `patches_replace["dit"][("double_block"|"single_block", i)]` that records the block and then calls any patch
+     that was already there, else the original block. First call in a block is self (or joint) attention, later
+     calls are cross-attention.
+  3. Anything else (e.g. SD3's MMDiT): counted per model forward; a call whose keys are as long as its queries is
+     a self-attention call and starts a new block, any other call is cross-attention of the current block.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+from ..kernels import counters as kernel_counters
+from ..kernels import sage_sdpa
+from ..kernels.schedule import ALL, Schedule, step_index
+
+log = logging.getLogger("comfy_sage")
+
+MIN_COMFYUI_VERSION = "0.3.60"  # transformer_options["optimized_attention_override"] landed after 0.3.59 (d7f4044)
+WRAPPER_KEY = "comfy_sage"
+MAX_HEAD_DIM = 256
+
+_forward: contextvars.ContextVar = contextvars.ContextVar("comfy_sage_forward", default=None)
+
+
+class HookMissing(RuntimeError):
+    pass
+
+
+class _Forward:
+    """State of one model forward (one call of apply_model)."""
+    __slots__ = ("step", "num_steps", "block", "block_calls", "unet_keys", "unet_calls", "counter")
+
+    def __init__(self, step, num_steps):
+        self.step, self.num_steps = step, num_steps
+        self.block = None          # (flat, group, group_index) set by our block patch
+        self.block_calls = 0
+        self.unet_keys: dict = {}
+        self.unet_calls: Counter = Counter()
+        self.counter = -1
+
+
+class SageState:
+    """Shared by a patched model and all its clones (deep copies return the same object): the schedule, what ran,
+    and per-step timings of the current run."""
+
+    def __init__(self, enabled: bool, pv: str, schedule: Schedule | None, verbose: bool, structure: dict,
+                 previous_override=None, label: str = "sage"):
+        self.enabled = enabled
+        self.schedule = (schedule or ALL)
+        if pv != "auto":
+            self.schedule = self.schedule.compose(Schedule(pv=pv))
+        self.verbose = verbose
+        self.structure = structure
+        self.previous = previous_override
+        self.label = label
+        self._lock = threading.Lock()
+        self.runs: list[dict] = []
+        self.new_run()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # ---- run records -----------------------------------------------------------------------------------
+    def new_run(self, num_steps=None):
+        self.run = {"paths": Counter(), "steps": defaultdict(float), "step_calls": defaultdict(Counter),
+                    "blocks": defaultdict(Counter), "forwards": 0, "num_steps": num_steps, "wall": 0.0,
+                    "finished": False}
+        self.runs.append(self.run)
+        del self.runs[:-8]
+
+    def record(self, path: str, step, block, kind):
+        with self._lock:
+            self.run["paths"][path] += 1
+            self.run["step_calls"][step][path] += 1
+            if block is not None:
+                self.run["blocks"][(block, kind)][path] += 1
+
+    # ---- the attention override --------------------------------------------------------------------------
+    def _exact(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        q, k, v = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 1, "k"), _arg(args, kwargs, 2, "v")
+        heads = _arg(args, kwargs, 3, "heads")
+        mask = _arg(args, kwargs, 4, "mask")
+        skip_reshape = bool(kwargs.get("skip_reshape", False))
+        skip_output_reshape = bool(kwargs.get("skip_output_reshape", False))
+        to = kwargs.get("transformer_options") or {}
+        fw = _forward.get()
+        if fw is None:
+            fw = _Forward(*_step_of(to))
+        nq = q.shape[2] if skip_reshape else q.shape[1]
+        nk = k.shape[2] if skip_reshape else k.shape[1]
+        block, group, gidx, kind = _locate(fw, to, nq, nk)
+        step = fw.step
+
+        variant = self.schedule.variant(step, fw.num_steps, block, kind, group=group, group_index=gidx)
+        why = None
+        if variant is None:
+            why = "exact:schedule"
+        elif kwargs.get("low_precision_attention", True) is False:
+            why = "exact:low_precision_off"
+        elif mask is not None:
+            why = "exact:mask"
+        elif q.dtype == torch.float32 or q.dtype not in (torch.float16, torch.bfloat16):
+            why = "exact:fp32" if q.dtype == torch.float32 else "exact:dtype"
+        elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            why = "exact:cpu"
+        elif q.device.type not in ("cpu", "cuda"):
+            why = "exact:device"
+        elif q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
+            why = "exact:gpu"
+        else:
+            dh = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+            if not 1 <= dh <= MAX_HEAD_DIM or (not skip_reshape and q.shape[-1] % heads):
+                why = "exact:head_dim"
+            elif v.shape[-1] != k.shape[-1]:
+                why = "exact:head_dim"
+        if why is not None:
+            self.record(why, step, block, kind)
+            return self._exact(func, args, kwargs)
+
+        if skip_reshape:
+            qh, kh, vh = q, k, v
+        else:
+            b, dh = q.shape[0], q.shape[-1] // heads
+            qh, kh, vh = (t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
+        before = kernel_counters()
+        out = sage_sdpa(qh, kh, vh, enable_gqa=bool(kwargs.get("enable_gqa", False)), pv=variant)
+        after = kernel_counters()
+        ran = [p for p in after if after[p] != before.get(p, 0)]
+        self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", step, block, kind)
+        if skip_output_reshape:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    # ---- wrappers: per forward and per sampling run ------------------------------------------------------
+    def apply_model_wrapper(self, executor, *args, **kwargs):
+        to = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
+        step, n = _step_of(to)
+        token = _forward.set(_Forward(step, n))
+        x = args[0] if args else None
+        sync = isinstance(x, torch.Tensor) and x.is_cuda
+        if sync:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if sync:
+                torch.cuda.synchronize(x.device)
+            dt = time.perf_counter() - t0
+            _forward.reset(token)
+            with self._lock:
+                self.run["steps"][step] += dt
+                self.run["forwards"] += 1
+
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+        n = int(sigmas.shape[-1]) - 1 if isinstance(sigmas, torch.Tensor) else None
+        if self.enabled and n is not None and n > 0:
+            self.schedule.check(num_steps=n)  # a step out of range fails before the first step runs
+        self.new_run(n)
+        t0 = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.run["wall"] = time.perf_counter() - t0
+            self.run["finished"] = True
+            if self.verbose:
+                for line in summary(self).splitlines():
+                    log.info(line)
+                print(summary(self))
+
+    def block_patch(self, flat, group, gidx, previous):
+        def patch(args, extra):
+            fw = _forward.get()
+            saved = None
+            if fw is not None:
+                saved = (fw.block, fw.block_calls)
+                fw.block, fw.block_calls = (flat, group, gidx), 0
+            try:
+                if previous is not None:
+                    return previous(args, extra)
+                return extra["original_block"](args)
+            finally:
+                if fw is not None:
+                    fw.block, fw.block_calls = saved
+        return patch
+
+
+def _arg(args, kwargs, i, name):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name)
+
+
+def _step_of(to: dict):
+    sig, sample = to.get("sigmas"), to.get("sample_sigmas")
+    if sig is None or sample is None:
+        return None, None
+    s = float(sig.max()) if isinstance(sig, torch.Tensor) else float(sig)
+    return step_index(s, sample.tolist() if isinstance(sample, torch.Tensor) else sample)
+
+
+def _locate(fw: _Forward, to: dict, nq: int, nk: int):
+    """(flat block, group, group index, kind) of one attention call."""
+    ub = to.get("block")
+    if isinstance(ub, (tuple, list)) and len(ub) == 2:
+        key = (ub[0], int(ub[1]), int(to.get("block_index", 0) or 0))
+        if key not in fw.unet_keys:
+            fw.unet_keys[key] = len(fw.unet_keys)
+        calls = fw.unet_calls[key]
+        fw.unet_calls[key] += 1
+        return fw.unet_keys[key], str(ub[0]), int(ub[1]), ("self" if calls == 0 else "cross")
+    if fw.block is not None:
+        flat, group, gidx = fw.block
+        kind = "self" if fw.block_calls == 0 else "cross"
+        fw.block_calls += 1
+        return flat, group, gidx, kind
+    kind = "self" if nq == nk else "cross"
+    if kind == "self" or fw.counter < 0:
+        fw.counter += 1
+    return fw.counter, None, None, kind
+
+
+# ---- model structure ----------------------------------------------------------------------------------------
+_DIT_LISTS = (("double_blocks", "double_block", "double"), ("single_blocks", "single_block", "single"),
+              ("blocks", "double_block", "double"), ("transformer_blocks", "double_block", "double"))
+
+
+def structure_of(diffusion_model) -> dict:
+    """{"family": ..., "num_blocks": flat count or None, "groups": {group: count}, "patches": [(key, i, flat,
+    group)]} read from the module tree (never changed)."""
+    dm = diffusion_model
+    if hasattr(dm, "input_blocks") and hasattr(dm, "output_blocks"):
+        n_tb = sum(1 for m in dm.modules() if type(m).__name__ == "BasicTransformerBlock")
+        return {"family": "unet", "num_blocks": n_tb or None,
+                "groups": {"input": len(dm.input_blocks), "middle": 1, "output": len(dm.output_blocks)},
+                "patches": []}
+    patches, groups, flat = [], {}, 0
+    seen_double = False
+    for attr, key, group in _DIT_LISTS:
+        blocks = getattr(dm, attr, None)
+        if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+            continue
+        if key == "double_block" and seen_double:
+            continue
+        seen_double = seen_double or key == "double_block"
+        groups[group] = len(blocks)
+        for i in range(len(blocks)):
+            patches.append((key, i, flat, group))
+            flat += 1
+    if patches:
+        return {"family": type(dm).__name__, "num_blocks": flat, "groups": groups, "patches": patches}
+    joint = getattr(dm, "joint_blocks", None)
+    if isinstance(joint, torch.nn.ModuleList):
+        return {"family": type(dm).__name__, "num_blocks": len(joint), "groups": {}, "patches": []}
+    return {"family": type(dm).__name__, "num_blocks": None, "groups": {}, "patches": []}
+
+
+def check_hook():
+    """Raise HookMissing on a ComfyUI without transformer_options["optimized_attention_override"]."""
+    import inspect
+
+    import comfy.ldm.modules.attention as attention
+
+    try:
+        src = inspect.getsource(attention)
+    except (OSError, TypeError):
+        src = ""
+    if "optimized_attention_override" not in src:
+        try:
+            import comfyui_version
+
+            have = comfyui_version.__version__
+        except Exception:
+            have = "unknown"
+        raise HookMissing(f"Apply SageAttention needs ComfyUI {MIN_COMFYUI_VERSION} or newer (it uses "
+                          f"transformer_options['optimized_attention_override']); this ComfyUI is {have}. "
+                          "Update ComfyUI.")
+
+
+def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None, verbose=False, label="sage"):
+    """Clone a ComfyUI ModelPatcher and install our override and wrappers on the clone; return (clone, state)."""
+    import comfy.patcher_extension as pe
+
+    if enabled:
+        check_hook()
+    structure = structure_of(model.get_model_object("diffusion_model"))
+    sched = schedule or ALL
+    if enabled:
+        sched.check(num_blocks=structure["num_blocks"], groups=structure["groups"] or None)
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    previous = to.get("optimized_attention_override")
+    state = SageState(enabled, pv, sched, verbose, structure, previous_override=previous, label=label)
+    if enabled:
+        to["optimized_attention_override"] = state
+        dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
+        for key, i, flat, group in structure["patches"]:
+            dit[(key, i)] = state.block_patch(flat, group, i, dit.get((key, i)))
+    pe.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, state.apply_model_wrapper, m.model_options,
+                            is_model_options=True)
+    pe.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, state.outer_sample_wrapper, m.model_options,
+                            is_model_options=True)
+    to["comfy_sage_state"] = state
+    return m, state
+
+
+def state_of(model) -> SageState | None:
+    if model is None:
+        return None
+    to = getattr(model, "model_options", {}).get("transformer_options", {})
+    st = to.get("comfy_sage_state")
+    return st if isinstance(st, SageState) else None
+
+
+# ---- reporting -----------------------------------------------------------------------------------------------
+def _total_time(run) -> float:
+    return float(sum(run["steps"].values()))
+
+
+def summary(state: SageState, baseline: SageState | None = None) -> str:
+    run = state.run
+    name = f"comfy_sage [{state.label}]"
+    if not state.enabled:
+        name += " (disabled: default attention)"
+    lines = [f"{name}: schedule {state.schedule.describe()}; model {state.structure.get('family')}, "
+             f"{state.structure.get('num_blocks')} blocks"]
+    if not run["forwards"]:
+        lines.append("  no sampling recorded yet")
+        return "\n".join(lines)
+    total = _total_time(run)
+    lines.append(f"  {run['forwards']} model calls, model time {total:.3f}s, sampling wall {run['wall']:.3f}s")
+    paths = run["paths"]
+    eight = sum(c for p, c in paths.items() if p.startswith(("int8", "8bit")))
+    if paths:
+        lines.append(f"  attention calls: {sum(paths.values())} ({eight} 8-bit): "
+                     + ", ".join(f"{p}={c}" for p, c in sorted(paths.items())))
+    for step in sorted(run["steps"], key=lambda s: (s is None, s if s is not None else 0)):
+        calls = run["step_calls"].get(step, {})
+        e = sum(c for p, c in calls.items() if p.startswith(("int8", "8bit")))
+        n = sum(calls.values())
+        lines.append(f"  step {step if step is not None else '?'}: {run['steps'][step] * 1000:.1f} ms"
+                     + (f", attention {e}/{n} 8-bit" if n else ""))
+    if baseline is not None and baseline.run["forwards"]:
+        bt = _total_time(baseline.run)
+        if total > 0:
+            lines.append(f"  speed-up vs {baseline.label}: {bt / total:.3f}x (model time {bt:.3f}s -> {total:.3f}s)")
+    return "\n".join(lines)
+
+
+def timing_ratio(reference: SageState | None, test: SageState | None) -> float | None:
+    if reference is None or test is None:
+        return None
+    a, b = _total_time(reference.run), _total_time(test.run)
+    if a <= 0 or b <= 0 or not math.isfinite(a / b):
+        return None
+    return a / b

@@ -1,0 +1,230 @@
+"""The node classes (classic ComfyUI node API, category "sageattention").
+
+Importing this module never imports ComfyUI: `comfy` is touched only inside the node functions, through
+`_runtime.install`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..kernels.schedule import Schedule, ScheduleError
+from . import _metrics, _runtime
+
+log = logging.getLogger("comfy_sage")
+CATEGORY = "sageattention"
+SCHEDULE_TYPE = "SAGE_SCHEDULE"
+
+
+def _validate(**fields) -> bool | str:
+    """VALIDATE_INPUTS helper: True, or the ScheduleError text (it names the bad token)."""
+    try:
+        Schedule.from_strings(**{k: v for k, v in fields.items() if isinstance(v, str)})
+    except ScheduleError as e:
+        return str(e)
+    return True
+
+
+class ApplySageAttention:
+    DESCRIPTION = ("Clone the model and run its attention with 8-bit SageAttention (INT8 Q·K, FP8/FP16 P·V) where "
+                   "it applies; masks, fp32, CPU, unsupported head dims and low_precision_attention=False run the "
+                   "original attention. Removing the node restores default attention.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off: default attention, but the run is still "
+                                        "timed so a report or compare node can use it as the baseline."}),
+                "pv": (["auto", "fp16", "fp8"], {"default": "auto", "tooltip": "P·V precision: auto = FP8 on "
+                                                 "sm89+ (RTX 40xx, H100), FP16 on sm80/86."}),
+                "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran (8-bit/exact per step) "
+                                              "to the console after each sampling."}),
+            },
+            "optional": {
+                "schedule": (SCHEDULE_TYPE, {"tooltip": "From the SageAttention step/block schedule nodes; "
+                                             "without it every step and block runs 8-bit."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, enabled=True, pv="auto", print_summary=False, schedule=None):
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must come from a SageAttention schedule node, got {type(schedule).__name__}")
+        m, _ = _runtime.install(model, enabled=bool(enabled), pv=pv, schedule=schedule, verbose=bool(print_summary),
+                                label="sage" if enabled else "default")
+        return (m,)
+
+
+class SageAttentionStepSchedule:
+    DESCRIPTION = ("Which sampling steps run 8-bit attention. Indices (0-based; -1 = last) or fractions of the "
+                   "schedule (0.9-1.0 = last tenth). Empty = all steps. Steps come from the sampler's sigmas, so "
+                   "every sampler, scheduler and CFG batch works.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "steps": ("STRING", {"default": "", "tooltip": "Steps that run 8-bit, e.g. '2-17' or '0.1-1.0'; "
+                                     "empty = all."}),
+                "exact_steps": ("STRING", {"default": "0-1, -1", "tooltip": "Steps kept exact, e.g. '0-1, -1' "
+                                           "(the first two and the last)."}),
+            },
+            "optional": {"schedule": (SCHEDULE_TYPE, {"tooltip": "Compose with another schedule (both must "
+                                                     "agree for a call to run 8-bit)."})},
+        }
+
+    RETURN_TYPES = (SCHEDULE_TYPE,)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps="", exact_steps=""):
+        return _validate(steps=steps, exact_steps=exact_steps)
+
+    def build(self, steps="", exact_steps="", schedule=None):
+        s = Schedule.from_strings(steps=steps, exact_steps=exact_steps)
+        return (s.compose(schedule) if schedule is not None else s,)
+
+
+class SageAttentionBlockSchedule:
+    DESCRIPTION = ("Which blocks run 8-bit attention: flat indices in forward order ('0-3, 38-39'), or the "
+                   "model's own groups ('input:4-8', 'middle', 'output', 'double:0-9', 'single'); and self- vs "
+                   "cross-attention. Empty = all blocks.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "blocks": ("STRING", {"default": "", "tooltip": "Blocks that run 8-bit; empty = all."}),
+                "exact_blocks": ("STRING", {"default": "", "tooltip": "Blocks kept exact, e.g. '0, 38-39'."}),
+                "attention": (["all", "self", "cross"], {"default": "all", "tooltip": "Which attention kind runs "
+                                                         "8-bit (joint DiT attention counts as self)."}),
+            },
+            "optional": {"schedule": (SCHEDULE_TYPE, {"tooltip": "Compose with another schedule (steps × blocks)."})},
+        }
+
+    RETURN_TYPES = (SCHEDULE_TYPE,)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, blocks="", exact_blocks=""):
+        return _validate(blocks=blocks, exact_blocks=exact_blocks)
+
+    def build(self, blocks="", exact_blocks="", attention="all", schedule=None):
+        s = Schedule.from_strings(blocks=blocks, exact_blocks=exact_blocks, attention=attention)
+        return (s.compose(schedule) if schedule is not None else s,)
+
+
+class SageAttentionReport:
+    DESCRIPTION = ("After sampling: per-step time, attention calls by path (8-bit, or exact and why) and, with a "
+                   "baseline model (Apply SageAttention with enabled off), the speed-up.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model from Apply SageAttention."}),
+                "latent": ("LATENT", {"tooltip": "The sampler's output (makes the report run after sampling)."}),
+            },
+            "optional": {
+                "baseline_model": ("MODEL", {"tooltip": "Apply SageAttention with enabled off, sampled with the "
+                                             "same settings."}),
+                "baseline_latent": ("LATENT", {"tooltip": "The baseline sampler's output."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def report(self, model, latent, baseline_model=None, baseline_latent=None):
+        st = _runtime.state_of(model)
+        if st is None:
+            text = "comfy_sage: this model did not pass through Apply SageAttention; nothing to report"
+        else:
+            text = _runtime.summary(st, _runtime.state_of(baseline_model))
+        print(text)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+def _compare(a, b, model_a, model_b, channels_last):
+    m = _metrics.compare(a, b, channels_last=channels_last)
+    heat, scale = _metrics.heatmap(m["diff"])
+    ratio = _runtime.timing_ratio(_runtime.state_of(model_a), _runtime.state_of(model_b))
+    text = _metrics.format_metrics(m, ratio, scale)
+    print(f"comfy_sage compare: {text}")
+    return {"ui": {"text": [text]}, "result": (heat, text)}
+
+
+class SageAttentionCompareImages:
+    DESCRIPTION = ("Compare two images (default attention vs SageAttention, same seed): a difference heat-map and "
+                   "PSNR, SSIM-like score, max abs error and the timing ratio of the two models' runs.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"image_a": ("IMAGE", {"tooltip": "Reference (default attention)."}),
+                         "image_b": ("IMAGE", {"tooltip": "Test (SageAttention)."})},
+            "optional": {"model_a": ("MODEL",), "model_b": ("MODEL",)},
+        }
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("heatmap", "metrics")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def compare(self, image_a, image_b, model_a=None, model_b=None):
+        return _compare(image_a, image_b, model_a, model_b, channels_last=True)
+
+
+class SageAttentionCompareLatents:
+    DESCRIPTION = "Like Compare Images, on latents (video latents are compared frame by frame)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"latent_a": ("LATENT",), "latent_b": ("LATENT",)},
+            "optional": {"model_a": ("MODEL",), "model_b": ("MODEL",)},
+        }
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("heatmap", "metrics")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def compare(self, latent_a, latent_b, model_a=None, model_b=None):
+        a, b = latent_a["samples"], latent_b["samples"]
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            raise TypeError("latent inputs must carry a 'samples' tensor")
+        return _compare(a, b, model_a, model_b, channels_last=False)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ApplySageAttention": ApplySageAttention,
+    "SageAttentionStepSchedule": SageAttentionStepSchedule,
+    "SageAttentionBlockSchedule": SageAttentionBlockSchedule,
+    "SageAttentionReport": SageAttentionReport,
+    "SageAttentionCompareImages": SageAttentionCompareImages,
+    "SageAttentionCompareLatents": SageAttentionCompareLatents,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ApplySageAttention": "Apply SageAttention",
+    "SageAttentionStepSchedule": "SageAttention Step Schedule",
+    "SageAttentionBlockSchedule": "SageAttention Block Schedule",
+    "SageAttentionReport": "SageAttention Report",
+    "SageAttentionCompareImages": "SageAttention Compare Images",
+    "SageAttentionCompareLatents": "SageAttention Compare Latents",
+}
