@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
+# The 8-bit path on CPU runs the real Triton kernels through the interpreter; triton reads this when it is first
+# imported, so it is set before anything imports it (GPU runs: set TRITON_INTERPRET=0 explicitly).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[2]
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # test modules `import conftest as C` for the builders (pytest runs --import-mode=importlib)
 
 if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy").is_dir():
     collect_ignore_glob = ["test_*.py"]  # nothing here can run without ComfyUI
@@ -66,11 +72,12 @@ def _patcher(config_cls, unet_config, dtype):
     import comfy.model_patcher
 
     cfg = config_cls(unet_config)
-    cfg.set_inference_dtype(dtype, None)
-    cfg.unet_config["dtype"] = dtype
+    # fp32 weights; 16-bit compute through ComfyUI's manual-cast ops (as it runs fp16 models on devices that
+    # cannot store them), so attention sees fp16 activations while fp32-only layers (Wan's patch embedding) work.
+    cfg.set_inference_dtype(torch.float32, None if dtype == torch.float32 else dtype)
+    cfg.unet_config["dtype"] = torch.float32
     model = cfg.get_model({})
     _init_weights(model.diffusion_model)
-    model.diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))
 
@@ -99,8 +106,9 @@ def tiny_unet(dtype):
     uc = {"context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
           "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
           "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-          "transformer_depth_middle": 1, "attention_resolutions": [1, 2], "num_heads": 2, "num_head_channels": -1,
-          "image_size": 32, "use_spatial_transformer": True, "legacy": False}
+          "transformer_depth_middle": 1, "num_heads": 2, "num_head_channels": -1,
+          "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+          "use_temporal_resblock": False, "use_checkpoint": False}
     return _patcher(sm.SD15, uc, dtype)
 
 
