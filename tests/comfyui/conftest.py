@@ -158,3 +158,49 @@ def comfy():
 @pytest.fixture(scope="session")
 def pack(comfy):
     return load_pack()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """`main.py --cpu` on 127.0.0.1:<free port>, base directory in a temp folder whose custom_nodes/ links to this
+    repository (the pack is loaded exactly as ComfyUI loads any custom node). Yields the base URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfy_sage").symlink_to(REPO, target_is_directory=True)
+    port = free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--disable-auto-launch",
+                             "--database-url", "sqlite:///:memory:"],
+                            cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
+                time.sleep(1)
+        yield {"url": url, "base": base, "log": base / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
