@@ -3,6 +3,7 @@ test against, tests/comfyui/core_nodes.json) or in this pack, links are consiste
 widgets, schedule strings parse, and example_workflows/ serves the same files."""
 import importlib.util
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_there_are_the_four_workflows():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_is_valid(path):
     wf = json.loads(path.read_text())
+    uuid.UUID(wf["id"])  # the frontend's schema wants a UUID here
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
     types = {n["type"] for n in wf["nodes"]}

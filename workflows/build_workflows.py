@@ -5,6 +5,7 @@ times the run) and Apply SageAttention, then feeds both to the compare and repor
 standard ones of each model's ComfyUI example page.
 """
 import json
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,7 +39,7 @@ class Graph:
         self.links.append([self._link, src["id"], out_slot, dst["id"], slot, t])
 
     def dump(self, path, title):
-        wf = {"id": f"comfy-sage-{path.stem}", "revision": 0, "last_node_id": self._id, "last_link_id": self._link,
+        wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy_sage/workflows/{path.stem}")), "revision": 0, "last_node_id": self._id, "last_link_id": self._link,
               "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
               "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}, "comfy_sage": {"title": title}}, "version": 0.4}
         path.write_text(json.dumps(wf, indent=1) + "\n")
