@@ -279,7 +279,8 @@ def comparison(sage: RunResult, sdpa: RunResult, per_frame: bool) -> dict:
     sage_med, sdpa_med = sage.median_step_s, sdpa.median_step_s
     ran_8bit = sum(v for k, v in sage.counters.items() if k.startswith("int8-"))
     return {
-        "speedup_per_step": (sdpa_med / sage_med) if sage_med and sdpa_med else None,
+        # None where the sage run never reached the 8-bit kernel: that would time SDPA against SDPA
+        "speedup_per_step": (sdpa_med / sage_med) if sage_med and sdpa_med and ran_8bit else None,
         "sage_8bit_calls": ran_8bit,
         "sage_fallback_calls": sum(v for k, v in sage.counters.items() if not k.startswith("int8-")),
         "median_step_s": {"sage": sage_med, "sdpa": sdpa_med},

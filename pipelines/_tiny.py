@@ -36,7 +36,7 @@ TINY_WAN = dict(
                       eos_token_id=1, decoder_start_token_id=0),
 )
 # what the embedded pipeline needs from generate(): text length, sizes it was built for
-TINY_WAN_TEXT_LEN = 16
+TINY_WAN_TEXT_LEN = 64
 
 
 def tiny_wan_pipeline(seed: int = 0, dtype=torch.float32, two_stage: bool = False, num_layers: int | None = None):
@@ -62,6 +62,7 @@ def tiny_wan_pipeline(seed: int = 0, dtype=torch.float32, two_stage: bool = Fals
     for t in (pipe.transformer, pipe.transformer_2):
         if t is not None:
             cast_keeping_fp32(t, dtype)
+    pipe._comfy_sage_family = "tiny-wan"
     return pipe
 
 
@@ -76,3 +77,36 @@ def cast_keeping_fp32(model, dtype):
         if b.is_floating_point() and not any(k in name.split(".") for k in keep):
             b.data = b.data.to(dtype)
     return model
+
+
+TINY_FLUX_TEXT_LEN = 64
+
+
+def tiny_flux_pipeline(seed: int = 0, dtype=torch.float32):
+    """A Flux-style text-to-image pipeline (FluxPipeline) with random weights: 1 double + 1 single block."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=32, shift_factor=0.0,
+                            scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=TINY_FLUX_TEXT_LEN,
+                                            projection_dim=32, pad_token_id=0, eos_token_id=1, bos_token_id=1))
+        t5 = T5EncoderModel(T5Config(vocab_size=259, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=clip.eval(),
+                        tokenizer=tiny_tokenizer(TINY_FLUX_TEXT_LEN), text_encoder_2=t5.eval(),
+                        tokenizer_2=tiny_tokenizer(TINY_FLUX_TEXT_LEN), transformer=transformer.eval())
+    cast_keeping_fp32(pipe.transformer, dtype)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.to(dtype)
+    pipe._comfy_sage_family = "tiny-flux"
+    return pipe

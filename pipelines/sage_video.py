@@ -90,7 +90,11 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
     dev = _run.resolve_device(device)
     dtype = torch.bfloat16
     if pipeline is not None:
-        pipe, family, label = pipeline, PIPELINES.get(type(pipeline).__name__, "tiny-wan"), type(pipeline).__name__
+        family = getattr(pipeline, "_comfy_sage_family", None) or PIPELINES.get(type(pipeline).__name__)
+        if family is None:
+            raise ValueError(f"pipeline {type(pipeline).__name__} is not supported here; supported: "
+                             f"{', '.join(sorted(PIPELINES))}")
+        pipe, label = pipeline, type(pipeline).__name__
     else:
         pipe, family, label = load(model, dev, dtype)
     d = DEFAULTS[family]
