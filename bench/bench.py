@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import sage_attention, sage_sdpa
-from ..kernels import _api, _arch
+from ..kernels import _api, _arch, _quant
 
 GRID_N = (1024, 2048, 4096, 8192, 16384, 32768)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -139,13 +139,18 @@ def sweep(shapes, tiles, pvs=("fp16", "fp8")):
     for s in shapes:
         q, k, v = inputs(s)
         for pv in pvs:
+            dims = (s["B"], s["H"], s["H"], s["N"], s["N"], s["D"], s["D"])
+            ms = _time(lambda: _quant.quantize(q, k, v, dims=dims, scale=1.0, block_m=64, block_n=128,
+                                               fp8_v=pv == "fp8"))
+            rows.append(dict(s, pv=pv, quant_ms=round(ms, 4)))
+            print(rows[-1], flush=True)
             for t in tiles:
                 try:
                     ms = _time(lambda: _api._forward(q, k, v, "HND", s["causal"], None, pv, False, tile=t))
                     r = round(tops(s, ms), 1)
                 except Exception as e:
                     r = f"{type(e).__name__}: {str(e)[:80]}"
-                rows.append(dict(s, pv=pv, tile=[t.block_m, t.block_n, t.num_warps, t.num_stages], tops=r))
+                rows.append(dict(s, pv=pv, tile=[t.block_m, t.block_n, t.num_warps, t.num_stages, t.tma], tops=r))
                 print(rows[-1], flush=True)
     return rows
 
@@ -209,8 +214,8 @@ def main(argv=None):
     result = dict(env=env)
     if args.sweep:
         T = _arch.Tile
-        tiles = [T(128, 64, 8, 2), T(128, 64, 8, 3), T(128, 64, 8, 4), T(128, 128, 8, 2), T(128, 128, 8, 3),
-                 T(64, 64, 4, 3), T(64, 128, 4, 3)]
+        tiles = [T(64, 128, 4, 2, True), T(64, 128, 4, 3, True), T(64, 64, 4, 3, True), T(64, 64, 4, 4, True),
+                 T(128, 128, 8, 2, True), T(128, 128, 8, 3, True), T(128, 64, 4, 3, True), T(64, 128, 4, 3)]
         shapes = [dict(B=1, H=H, N=16384, D=D, causal=c) for D, H in ((64, 32), (128, 24)) for c in (False, True)]
         result["sweep"] = sweep(shapes, tiles)
     else:

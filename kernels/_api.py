@@ -78,9 +78,9 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     from . import _attention, _quant  # triton is imported at first use, not with the package
 
     if entry.name == "interpret":
-        from ._interpret import patch_bf16_dot
+        from ._interpret import patch_interpreter
 
-        patch_bf16_dot()
+        patch_interpreter()
 
     DP = _arch.head_dim_bucket(D)
     tile = tile or entry.tiles[(DP, pv)]
@@ -97,7 +97,7 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
                              fp8_v=fp8_v)
         _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                              block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, num_warps=tile.num_warps,
-                             num_stages=tile.num_stages)
+                             num_stages=tile.num_stages, tma=tile.tma)
         if return_lse:
             # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
             km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)

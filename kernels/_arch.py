@@ -13,6 +13,7 @@ class Tile:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # tiles through tensor descriptors (sm90+)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The attention kernel: INT8 Q·Kᵀ, exp2 online softmax, P·V in FP16/BF16 or FP8 with FP32 accumulation.
 
-One source for causal and full attention, every head dim and both P·V types: the differences are constexpr.
-Reads the padded tensors written by _quant.py (no masks on q/k loads), the user's v on the 16-bit path.
+One source for causal and full attention, every head dim, both P·V types and both ways of loading tiles: the
+differences are constexpr. Reads the padded tensors written by _quant.py (no masks on q/k loads) and, on the
+16-bit path, the user's v. With USE_TMA (sm90+) tiles come through tensor descriptors (the bulk-copy engine,
+which zero-fills past the head dim and the last token); otherwise through pointer loads.
 """
 import triton
 import triton.language as tl
@@ -9,7 +11,11 @@ import triton.language as tl
 # FP8 path: P is scaled so its largest element is just under 448 (the e4m3 maximum), which keeps small
 # probabilities out of the subnormal range; the scale cancels in acc / l and is removed from the LSE.
 P_SHIFT_FP8 = 8.8060  # < log2(448)
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
+# int32 -> fp32 without the quarter-rate I2F instruction: for |s| < 2^22, the bits of 1.5·2^23 plus s read as the
+# float 1.5·2^23 + s exactly (|Q·K| <= 127²·256 < 2^22), and the offset folds into the softmax FMA.
+MAGIC_BITS = tl.constexpr(0x4B400000)
+MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -21,35 +27,46 @@ def _load(ptrs, mask, MASKED: tl.constexpr, other=0):
 
 
 @triton.jit
-def _blocks(acc, l_i, m_i, q8, qs, k_ptr, ks_ptr, v_ptr, vs_ptr, rows, d, lo, hi, Nk, svn,
-            D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, Nk_pad,
-            CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr):
+def _blocks(acc, l_i, m_i, q8, qs, K8, ks_ptr, V, vs_ptr, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad, svb, svh, svn,
+            D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr,
+            CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr,
+            USE_TMA: tl.constexpr):
     cols0 = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + cols0
-        k = _load(k_ptr + cols[:, None] * DS + d[None, :], d[None, :] < D, D != DP)
-        s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        if USE_TMA:
+            k = K8.load([bhk, n0, 0]).reshape(BLOCK_N, DP)
+        else:
+            k = _load(K8 + (bhk.to(tl.int64) * Nk_pad + cols[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
+        s = (tl.dot(q8, tl.trans(k), out_dtype=tl.int32) + MAGIC_BITS).to(tl.float32, bitcast=True)  # MAGIC + Q·K
         c = qs * tl.load(ks_ptr + n0 // BLOCK_N)  # per-row scale: q scale (with sm_scale*log2e) times k block scale
         if MASKED:
             keep = cols[None, :] < Nk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = tl.math.exp2(s * c[:, None] - (m_new - P_SHIFT)[:, None])
+        m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * c)
+        p = tl.math.exp2(s * c[:, None] - (m_new + MAGIC * c - P_SHIFT)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
-            vt = _load(v_ptr + d[:, None] * Nk_pad + cols[None, :], d[:, None] < D, D != DP, 0.0)
+            if USE_TMA:
+                vt = V.load([bhk, 0, n0]).reshape(DP, BLOCK_N)
+            else:
+                vt = _load(V + (bhk.to(tl.int64) * D + d[:, None]) * Nk_pad + cols[None, :], d[:, None] < D, D != DP,
+                           0.0)
             pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), out_dtype=tl.float32)
             # Two-level accumulation: FP8 products summed over one block only, then added in FP32 with the
             # block's per-channel v scale (FP8 MMA accumulators keep fewer bits than FP32).
             vs = tl.load(vs_ptr + (n0 // BLOCK_N) * DP + d)
             acc = acc * alpha[:, None] + pv * vs[None, :]
         else:
-            v = _load(v_ptr + cols[:, None].to(tl.int64) * svn + d[None, :], (cols[:, None] < Nk) & (d[None, :] < D),
-                      MASKED or D != DP)
+            if USE_TMA:
+                v = V.load([b, hk, n0, 0]).reshape(BLOCK_N, DP)
+            else:
+                v = _load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + cols[:, None].to(tl.int64) * svn
+                          + d[None, :], (cols[:, None] < Nk) & (d[None, :] < D), MASKED or D != DP)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -61,26 +78,26 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
                  Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
                  D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_LSE: tl.constexpr, P_SHIFT: tl.constexpr):
+                 CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_LSE: tl.constexpr, P_SHIFT: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    tl.static_assert(DP <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
-    bhk = b * (Hq // GROUP) + h // GROUP
+    hk = h // GROUP
+    bhk = b * (Hq // GROUP) + hk
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, DP)
 
-    q8 = _load(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
+    if USE_TMA:
+        q8 = Q8.load([bh, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, DP)
+    else:
+        q8 = _load(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
     qs = tl.load(QS + bh.to(tl.int64) * Nq_pad + rows)
     nkb = Nk_pad // BLOCK_N
-    k_ptr = K8 + bhk.to(tl.int64) * Nk_pad * DS
     ks_ptr = KS + bhk.to(tl.int64) * nkb
-    if PV_FP8:
-        v_ptr = V + bhk.to(tl.int64) * D * Nk_pad
-        vs_ptr = VS + bhk.to(tl.int64) * nkb * DP
-    else:
-        v_ptr = V + b.to(tl.int64) * svb + (h // GROUP).to(tl.int64) * svh
-        vs_ptr = VS
+    vs_ptr = VS + bhk.to(tl.int64) * nkb * DP
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -94,35 +111,55 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
     else:
         hi = Nk
         lo_mask = full_end
-    acc, l_i, m_i = _blocks(acc, l_i, m_i, q8, qs, k_ptr, ks_ptr, v_ptr, vs_ptr, rows, d, 0, lo_mask, Nk, svn,
-                            D, DP, DS, BLOCK_N, Nk_pad, CAUSAL, PV_FP8, False, P_SHIFT)
-    acc, l_i, m_i = _blocks(acc, l_i, m_i, q8, qs, k_ptr, ks_ptr, v_ptr, vs_ptr, rows, d, lo_mask, hi, Nk, svn,
-                            D, DP, DS, BLOCK_N, Nk_pad, CAUSAL, PV_FP8, True, P_SHIFT)
+    acc, l_i, m_i = _blocks(acc, l_i, m_i, q8, qs, K8, ks_ptr, V, vs_ptr, bhk, b, hk, rows, d, 0, lo_mask, Nk,
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT, USE_TMA)
+    acc, l_i, m_i = _blocks(acc, l_i, m_i, q8, qs, K8, ks_ptr, V, vs_ptr, bhk, b, hk, rows, d, lo_mask, hi, Nk,
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT, USE_TMA)
 
     out = acc / l_i[:, None]
     row_ok = rows < Nq
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * son + d[None, :]
-    if D == DP:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
     if STORE_LSE:
-        tl.store(LSE + bh.to(tl.int64) * Nq + rows, (m_i + tl.math.log2(l_i) - P_SHIFT) * LN2,
-                 mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * Nq + rows, (m_i + tl.math.log2(l_i) - P_SHIFT) * LN2, mask=row_ok)
 
 
-def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages):
+def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
+    """Tensor descriptors for the bulk-copy path, or None where a tensor's strides do not allow it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, Hq, Hkv, Nq, Nk, D, DP = dims
+    q8, k8 = qz.q8, qz.k8
+    if q8.shape[3] % 16:
+        return None  # rows of D % 16 != 0 bytes: the bulk-copy engine needs 16-byte strides
+    dq = TensorDescriptor(q8, [B * Hq, q8.shape[2], D], [q8.shape[2] * q8.shape[3], q8.shape[3], 1], [1, block_m, DP])
+    dk = TensorDescriptor(k8, [B * Hkv, k8.shape[2], D], [k8.shape[2] * k8.shape[3], k8.shape[3], 1], [1, block_n, DP])
+    if fp8_v:
+        v8 = qz.v8
+        dv = TensorDescriptor(v8, [B * Hkv, D, v8.shape[3]], [D * v8.shape[3], v8.shape[3], 1], [1, DP, block_n])
+    else:
+        es = v.element_size()
+        if v.data_ptr() % 16 or any(s * es % 16 for s in v.stride()[:3]):
+            return None
+        dv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, DP])
+    return dq, dk, dv
+
+
+def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages, tma=False):
     """Launch over the tensors from _quant.quantize. `v` is the user's [B, Hkv, Nk, D] view on the 16-bit path;
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
-    vt = qz.v8 if fp8_v else v
+    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma else None
+    if srcs is None:
+        srcs = (qz.q8, qz.k8, qz.v8 if fp8_v else v)
     grid = (Nq_pad // block_m, B * Hq)
     _attn_kernel[grid](
-        qz.q8, qz.qs, qz.k8, qz.ks, vt, qz.vs if fp8_v else qz.ks, out, lse if lse is not None else qz.qs,
+        srcs[0], qz.qs, srcs[1], qz.ks, srcs[2], qz.vs if fp8_v else qz.ks, out, lse if lse is not None else qz.qs,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None, P_SHIFT=P_SHIFT_FP8 if fp8_v else 0.0,
+        USE_TMA=not isinstance(srcs[0], type(qz.q8)),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -1,0 +1,241 @@
+"""The Triton kernels themselves (through TRITON_INTERPRET=1 on CPU, compiled on a GPU) against the pure-torch
+model of their arithmetic and against fp32 attention; the API contract, errors, LSE, counters, the custom op."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfy_sage import kernels
+from comfy_sage.kernels import _api, _arch, _quant, _reference, sage_attention, sage_sdpa
+from kernel_cases import cosine, exact, make_qkv, rel_l1
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TILE = _arch.Tile(32, 32, 4, 1)  # the interpreter's tile; also valid on GPUs
+
+# (B, Hq, Hkv, Nq, Nk, D, causal): odd lengths, Nq != Nk both ways, GQA, odd and large head dims.
+SHAPES = [
+    (1, 2, 2, 64, 64, 64, False),
+    (2, 2, 1, 45, 70, 64, True),
+    (1, 4, 2, 70, 45, 32, True),
+    (1, 2, 2, 33, 77, 40, False),
+    (1, 1, 1, 1, 17, 80, False),
+    (1, 2, 2, 17, 1, 72, True),
+    (1, 1, 1, 40, 40, 96, True),
+    (1, 1, 1, 24, 50, 128, False),
+    (1, 1, 1, 20, 20, 160, True),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("c" if s[6] else ""))
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_kernel_matches_model_and_fp32(shape, pv):
+    B, Hq, Hkv, Nq, Nk, D, causal = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, device=DEV, seed=Nq + D)
+    out, lse = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=TILE)
+    model, model_lse = _reference.attention(q.cpu(), k.cpu(), v.cpu(), is_causal=causal, pv=pv, block_n=TILE.block_n)
+    ref, ref_lse = exact(q.cpu(), k.cpu(), v.cpu(), causal)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.isfinite().all()
+    # Same quantized arithmetic: only accumulation order and exp2 rounding differ.
+    assert rel_l1(out.cpu(), model) < 2e-3
+    assert (lse.cpu() - model_lse).abs().max() < 1e-3
+    # Against exact attention: 8-bit error is small even at these tiny lengths (few keys to average over).
+    assert rel_l1(out.cpu(), ref) < (0.02 if pv == "fp16" else 0.08)
+    assert cosine(out.cpu(), ref) > (0.9995 if pv == "fp16" else 0.995)
+    assert (lse.cpu() - ref_lse).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_nhd_views_are_read_in_place_and_left_untouched(pv, tma):
+    # ComfyUI hands [B, L, H*D]; viewed as NHD it has row stride H*D: the kernel must read it without a copy.
+    B, L, H, D = 2, 50, 3, 64
+    g = torch.Generator(device=DEV).manual_seed(1)
+    qkv = torch.randn(B, L, 3 * H * D, generator=g, device=DEV).half()
+    q, k, v = (t.view(B, L, H, D) for t in qkv.split(H * D, dim=-1))
+    assert not q.is_contiguous()
+    before = qkv.clone()
+    out = _api._forward(q, k, v, "NHD", False, None, pv, False, tile=_arch.Tile(32, 32, 4, 1, tma))[0]
+    assert torch.equal(qkv, before)  # inputs are never modified
+    assert out.shape == (B, L, H, D)
+    ref, _ = exact(*(t.transpose(1, 2).cpu() for t in (q, k, v)))
+    assert rel_l1(out.transpose(1, 2).cpu(), ref) < (0.02 if pv == "fp16" else 0.08)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_dtypes_and_large_values(dtype, pv):
+    q, k, v = make_qkv(1, 2, 2, 48, 48, 64, dtype=dtype, device=DEV, seed=3)
+    v = (v.float() * 2e4).clamp(-6e4, 6e4).to(dtype)  # bf16/fp32 values past fp16's comfortable range
+    q, k = q * 20, k * 20
+    out = _api._forward(q, k, v, "HND", True, None, pv, False, tile=TILE)[0]
+    assert out.dtype == dtype and out.isfinite().all()
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu(), True)
+    assert rel_l1(out.cpu(), ref) < (0.05 if pv == "fp16" else 0.1)
+
+
+def test_zero_rows_and_constant_keys_stay_finite():
+    q, k, v = make_qkv(1, 1, 1, 32, 40, 64, device=DEV, seed=4)
+    q[:, :, :5] = 0  # zero query rows: uniform attention
+    k[:, :, :] = k[:, :, :1]  # every key equal: smoothing leaves zeros, scale must not divide by zero
+    out = _api._forward(q, k, v, "HND", False, None, "fp8", False, tile=TILE)[0]
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
+    assert out.isfinite().all() and rel_l1(out.cpu(), ref) < 0.08
+
+
+def test_quantization_kernel_matches_model_bit_for_bit():
+    q, k, v = make_qkv(1, 2, 1, 40, 70, 80, device=DEV, kind="kbias", seed=5)
+    dims = (1, 2, 1, 40, 70, 80, 128)
+    qz = _quant.quantize(q, k, v, dims=dims, scale=0.1, block_m=32, block_n=32, fp8_v=True)
+    q8, qs, k8, ks, kmean, v8, vs = _reference.quantize(q.cpu(), k.cpu(), v.cpu(), scale=0.1, block_n=32, fp8_v=True)
+    assert torch.equal(qz.q8[:, :, :40, :80].cpu(), q8)
+    assert torch.equal(qz.q8[:, :, 40:, :80].cpu(), torch.zeros_like(qz.q8[:, :, 40:, :80].cpu()))  # pad rows
+    assert torch.allclose(qz.qs[:, :, :40].cpu(), qs, rtol=1e-6)
+    assert (qz.k8[:, :, :70, :80].cpu().int() - k8.int()).abs().max() <= 1  # the mean's summation order may differ
+    assert torch.allclose(qz.ks.cpu(), ks, rtol=1e-5)
+    assert torch.allclose(qz.kmean[..., :80].cpu(), kmean, atol=1e-5)
+    got = qz.v8[..., :70].transpose(-1, -2).float().cpu()
+    assert torch.equal(got, v8.float())
+    assert torch.equal(qz.v8[..., 70:].float().cpu(), torch.zeros(1, 1, 80, 26))  # pad tokens are zeros
+    assert torch.allclose(qz.vs[..., :80].cpu(), vs, rtol=1e-6)
+
+
+def test_extra_memory_is_under_six_tenths_of_qkv():
+    for D in (40, 64, 80, 128):
+        q, k, v = make_qkv(1, 2, 2, 256, 256, D, device=DEV)
+        tile = _arch.ARCHES["sm90"].tiles[(_arch.head_dim_bucket(D), "fp8")]
+        qz = _quant.quantize(q, k, v, dims=(1, 2, 2, 256, 256, D, _arch.head_dim_bucket(D)), scale=1.0,
+                             block_m=tile.block_m, block_n=tile.block_n, fp8_v=True)
+        extra = sum(t.numel() * t.element_size() for t in vars(qz).values() if t is not None)
+        assert extra <= 0.6 * 3 * q.numel() * q.element_size(), D
+
+
+def test_model_meets_accuracy_targets_at_anchor_size():
+    """The arithmetic (the model the kernel is checked against) at the anchors' size, N=4096: FP16 P·V within
+    0.015 / 0.025 relative L1 on randn / kbias, FP8 P·V within 0.038 and cosine >= 0.999."""
+    for kind, bound16 in (("randn", 0.015), ("kbias", 0.025)):
+        q, k, v = make_qkv(1, 8, 8, 4096, 4096, 64, kind=kind, seed=7)
+        ref, _ = exact(q, k, v)
+        for pv, bound in (("fp16", bound16), ("fp8", 0.038)):
+            out, _ = _reference.attention(q, k, v, pv=pv, block_n=128)
+            assert rel_l1(out, ref) < bound, (kind, pv)
+            assert cosine(out, ref) >= 0.999
+
+
+def test_lse_is_exact_after_smoothing_for_ring_merges():
+    # Two halves of the keys merged by their LSEs must equal attention over all keys.
+    q, k, v = make_qkv(1, 2, 2, 40, 64, 64, device=DEV, kind="kbias", seed=8)
+    o1, l1 = sage_attention(q, k[:, :, :32], v[:, :, :32], return_lse=True, pv="fp16")
+    o2, l2 = sage_attention(q, k[:, :, 32:], v[:, :, 32:], return_lse=True, pv="fp16")
+    lse = torch.logaddexp(l1, l2)
+    merged = o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]
+    ref, ref_lse = exact(q.cpu(), k.cpu(), v.cpu())
+    assert (lse.cpu() - ref_lse).abs().max() < 0.05  # INT8 Q·K error on kbias inputs, not the merge
+    assert rel_l1(merged.cpu(), ref) < 0.03
+
+
+BAD = [
+    (lambda q, k, v: (q[0], k, v), {}, ValueError, "rank 4"),
+    (lambda q, k, v: (torch.cat([q, q]), k, v), {}, ValueError, "batch sizes differ"),
+    (lambda q, k, v: (q, k, v[:, :1]), {}, ValueError, "different head counts"),
+    (lambda q, k, v: (q[:, :3], k, v), {}, ValueError, "not a multiple"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), {}, ValueError, "different sequence lengths"),
+    (lambda q, k, v: (q, k[..., :32], v), {}, ValueError, "head dims differ"),
+    (lambda q, k, v: (q, k.bfloat16(), v), {}, TypeError, "mixed dtypes"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), {}, TypeError, "dtype torch.int32"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), {}, TypeError, "float16, bfloat16 or float32"),
+    (lambda q, k, v: (q, k.to("meta"), v), {}, ValueError, "different devices"),
+    (lambda q, k, v: (q, k, v), {"layout": "BHSD"}, ValueError, "unknown layout"),
+    (lambda q, k, v: (q, k, v), {"pv": "int4"}, ValueError, "unknown pv"),
+    (lambda q, k, v: (q, k, v), {"scale": -1.0}, ValueError, "scale"),
+    (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), {}, ValueError, "no tokens"),
+    (lambda q, k, v: (q.numpy(), k, v), {}, TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make,kw,exc,msg", BAD, ids=[b[3] for b in BAD])
+def test_malformed_calls_raise_named_errors(make, kw, exc, msg):
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 64)
+    with pytest.raises(exc, match=msg):
+        sage_attention(*make(q, k, v), **kw)
+
+
+def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
+    q = torch.randn(1, 1, 8, 320, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim 320"):
+        sage_attention(q, q, q)
+    monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm80"])
+    q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="sm89"):
+        sage_attention(q, q, q, pv="fp8")
+
+
+def _same_as_sdpa(q, k, v, **kw):
+    torch.manual_seed(0)
+    a = sage_sdpa(q, k, v, **kw)
+    torch.manual_seed(0)
+    b = F.scaled_dot_product_attention(q, k, v, **kw)
+    return torch.equal(a, b)
+
+
+def test_sage_sdpa_fallbacks_are_exact_and_counted(caplog):
+    kernels.reset_counters()
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, device=DEV)
+    mask = torch.rand(16, 16, device=DEV) > 0.3
+    with caplog.at_level(logging.INFO, logger="comfy_sage"):
+        assert _same_as_sdpa(q, k, v, attn_mask=mask)
+        assert _same_as_sdpa(q, k, v, attn_mask=mask)
+        assert _same_as_sdpa(q, k, v, dropout_p=0.5)
+        assert _same_as_sdpa(q.float(), k.float(), v.float())
+        big = torch.randn(1, 1, 8, 320, dtype=torch.float16, device=DEV)
+        assert _same_as_sdpa(big, big, big)
+        assert _same_as_sdpa(q, k[:, :1], v[:, :1], enable_gqa=True) is False or True  # runs 8-bit (GQA allowed)
+    c = kernels.counters()
+    assert c["sdpa:mask"] == 2 and c["sdpa:dropout"] == 1 and c["sdpa:fp32"] == 1 and c["sdpa:head_dim"] == 1
+    assert sum(n for p, n in c.items() if p.startswith("int8-")) == 1
+    logged = [r.getMessage() for r in caplog.records if "sdpa:mask" in r.getMessage()]
+    assert len(logged) == 1  # one log line per reason, not per call
+    kernels.reset_counters()
+    assert kernels.counters() == {}
+
+
+def test_sage_sdpa_on_cpu_without_interpreter_falls_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernels.reset_counters()
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64)
+    assert _same_as_sdpa(q, k, v, is_causal=True)
+    assert kernels.counters() == {"sdpa:cpu": 1}
+
+
+def test_sage_sdpa_runs_the_kernel_where_it_applies():
+    kernels.reset_counters()
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, device=DEV)
+    out = sage_sdpa(q, k, v, is_causal=True)
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu(), True)
+    assert rel_l1(out.cpu(), ref) < 0.08
+    assert list(kernels.counters()) == [f"int8-{_arch.arch_of(q.device).pv_auto}pv"]
+
+
+def test_custom_op_fake_shapes_compile_and_backward():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 7, 3, 64, dtype=torch.float16)
+        out, lse = sage_attention(q, q, q, layout="NHD", return_lse=True)
+        assert out.shape == (2, 7, 3, 64) and lse.shape == (2, 3, 7) and lse.dtype == torch.float32
+
+    def f(q, k, v):
+        return sage_attention(q, k, v, is_causal=True) * 2
+
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 64, device=DEV)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
+    assert torch.allclose(compiled(q, k, v), f(q, k, v))
+
+    # Backward is exact attention's (straight-through): the same gradients as SDPA's.
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(1, 2, 1, 24, 24, 64, device=DEV))
+    w = torch.randn(1, 2, 24, 64, device=DEV)  # a linear loss: both get the same upstream gradient
+    (sage_attention(q, k, v, is_causal=True) * w).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, enable_gqa=True) * w).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)

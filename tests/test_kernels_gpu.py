@@ -1,0 +1,105 @@
+"""The kernels compiled for the GPU at real sizes (skipped without CUDA): the accuracy targets on the anchors'
+inputs, odd shapes, both tile-loading paths, CUDA graphs and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfy_sage import kernels
+from comfy_sage.kernels import _api, _arch, sage_attention, sage_sdpa
+from kernel_cases import cosine, exact, make_qkv, rel_l1
+
+pytestmark = pytest.mark.gpu
+
+
+def _entry():
+    return _arch.arch_of(torch.device("cuda"))
+
+
+def _pvs():
+    return ["fp16", "fp8"] if _entry().fp8 else ["fp16"]
+
+
+def _tile(D, pv, tma):
+    t = _entry().tiles[(_arch.head_dim_bucket(D), pv)]
+    return _arch.Tile(t.block_m, t.block_n, t.num_warps, t.num_stages, tma)
+
+
+@pytest.mark.parametrize("kind,D,causal", [(k, d, c) for k in ("randn", "kbias") for d in (64, 128) for c in (0, 1)])
+def test_accuracy_targets_on_anchor_inputs(kind, D, causal):
+    q, k, v = make_qkv(1, 8, 8, 4096, 4096, D, device="cuda", kind=kind, seed=11)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=bool(causal))
+    for pv in _pvs():
+        for tma in (False, True):
+            out = _api._forward(q, k, v, "HND", bool(causal), None, pv, False, tile=_tile(D, pv, tma))[0]
+            bound = 0.038 if pv == "fp8" else (0.015 if kind == "randn" else 0.025)
+            assert rel_l1(out, ref) <= bound, (pv, tma)
+            assert cosine(out, ref) >= 0.999, (pv, tma)
+
+
+ODD = [(1, 77, 64), (4097, 226, 128), (1000, 512, 80), (77, 4097, 40), (333, 333, 96), (2048, 2048, 160),
+       (1024, 1024, 256), (500, 600, 72), (8192, 77, 64)]
+
+
+@pytest.mark.parametrize("Nq,Nk,D", ODD, ids=lambda x: str(x))
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_odd_shapes_layouts_gqa_causal_bf16(Nq, Nk, D, layout):
+    for causal in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            q, k, v = make_qkv(2, 4, 2, Nq, Nk, D, dtype=dtype, device="cuda", seed=Nq + D)
+            ref, ref_lse = exact(q, k, v, causal)
+            args = (q, k, v) if layout == "HND" else tuple(t.transpose(1, 2) for t in (q, k, v))  # strided views
+            for pv in _pvs():
+                out, lse = sage_attention(*args, layout=layout, is_causal=causal, pv=pv, return_lse=True)
+                out = out if layout == "HND" else out.transpose(1, 2)
+                assert out.dtype == dtype and out.isfinite().all()
+                assert rel_l1(out, ref) < (0.03 if pv == "fp16" else 0.06), (causal, dtype, pv)
+                assert (lse - ref_lse).abs().max() < 0.05
+
+
+def test_tma_and_pointer_paths_agree():
+    for D in (64, 80, 128):
+        q, k, v = make_qkv(2, 4, 4, 3000, 3000, D, device="cuda", seed=D)
+        for pv in _pvs():
+            a = _api._forward(q, k, v, "HND", True, None, pv, False, tile=_tile(D, pv, False))[0]
+            b = _api._forward(q, k, v, "HND", True, None, pv, False, tile=_tile(D, pv, True))[0]
+            assert rel_l1(a, b) < 2e-3, (D, pv)
+
+
+def test_large_values_stay_finite():
+    for pv in _pvs():
+        q, k, v = make_qkv(1, 8, 8, 4096, 4096, 128, dtype=torch.bfloat16, device="cuda", seed=2)
+        v = (v.float() * 2e4).clamp(-6e4, 6e4).bfloat16()
+        out = sage_attention(q * 30, k * 30, v, pv=pv)
+        assert out.isfinite().all()
+
+
+def test_cuda_graph_capture_and_replay():
+    q, k, v = make_qkv(1, 8, 8, 2048, 2048, 64, device="cuda")
+    sage_attention(q, k, v)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = sage_attention(q, k, v)
+    q2, k2, v2 = make_qkv(1, 8, 8, 2048, 2048, 64, device="cuda", seed=5)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    g.replay()
+    assert torch.equal(out, sage_attention(q2, k2, v2))
+
+
+def test_torch_compile_fullgraph_inductor():
+    lin = torch.nn.Linear(64, 64, device="cuda", dtype=torch.float16)
+
+    def f(x):
+        q = lin(x).view(1, 1024, 8, 8 * 0 + 64 // 8 * 8).transpose(1, 2)
+        return sage_attention(q, q, q).sum()
+
+    x = torch.randn(1, 1024, 64 * 8 // 8, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.allclose(compiled(x).float(), f(x).float(), rtol=1e-2)
+
+
+def test_sage_sdpa_keeps_sdpa_where_it_is_faster():
+    kernels.reset_counters()
+    q, k, v = make_qkv(1, 8, 8, 64, 64, 64, device="cuda")
+    assert torch.equal(sage_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert kernels.counters() == {"sdpa:short": 1}
