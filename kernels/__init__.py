@@ -1,11 +1,12 @@
 """The INT8 attention library. Imports torch and triton only (triton lazily, at first kernel launch).
 
 Public: `sage_attention` (the quantized kernel), `sage_sdpa` (drop-in for F.scaled_dot_product_attention with
-exact fallback), `counters` / `reset_counters` (which path ran), `doctor` (what this machine gets).
+exact fallback), `counters` / `reset_counters` (which path ran; adapters that run their own exact fallback report it with
+`count`, and ask `fallback_reason` whether the kernel applies), `doctor` (what this machine gets).
 """
-from ._counters import counters, reset_counters
+from ._counters import count, counters, reset_counters
 from ._api import sage_attention
-from ._sdpa import sage_sdpa
+from ._sdpa import fallback_reason, sage_sdpa
 from ._arch import doctor
 
-__all__ = ["sage_attention", "sage_sdpa", "counters", "reset_counters", "doctor"]
+__all__ = ["sage_attention", "sage_sdpa", "counters", "reset_counters", "count", "fallback_reason", "doctor"]

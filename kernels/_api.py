@@ -72,7 +72,7 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
         raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {q.device}); on CPU set "
                          "TRITON_INTERPRET=1 to run the Triton kernels, or call sage_sdpa for an exact fallback")
     if pv == "auto":
-        pv = entry.pv_auto
+        pv = entry.pv_for(D)
     if pv == "fp8" and not entry.fp8:
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
     from . import _attention, _quant  # triton is imported at first use, not with the package
@@ -106,14 +106,12 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("comfy_sage::sage_attention", mutates_args=())
-def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, scale: float,
-        pv: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, scale: float,
+          pv: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, layout, is_causal, scale if scale > 0 else None, pv, return_lse)
 
 
-@_op.register_fake
-def _(q, k, v, layout, is_causal, scale, pv, return_lse):
+def _fake(q, k, v, layout, is_causal, scale, pv, return_lse):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if not return_lse:
         return out, q.new_empty(0, dtype=torch.float32)
@@ -151,7 +149,19 @@ def _backward(ctx, grad_out, grad_lse):
     return (*res, None, None, None, None, None)
 
 
-_op.register_autograd(_backward, setup_context=_setup_context)
+def _register():
+    """The custom op, registered once per process (a second import of the pack reuses it)."""
+    try:
+        return torch.ops.comfy_sage.sage_attention
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("comfy_sage::sage_attention", _impl, mutates_args=())
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return op
+
+
+_op = _register()
 
 
 def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return_lse=False, pv="auto"):

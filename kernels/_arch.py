@@ -25,6 +25,10 @@ class ArchEntry:
     tiles: dict = field(default_factory=dict)  # (padded head dim, pv) -> Tile
     # sage_sdpa keeps SDPA below this many (query, key) pairs per head: launch and quantization overhead win there.
     min_pairs: int = 0
+    pv_by_dim: dict = field(default_factory=dict)  # padded head dim -> pv, where it differs from pv_auto
+
+    def pv_for(self, head_dim: int) -> str:
+        return self.pv_by_dim.get(head_dim_bucket(head_dim), self.pv_auto)
 
 
 def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
@@ -33,14 +37,18 @@ def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
 
 
 _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
-_HOPPER = _tiles(Tile(128, 64, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 8, 2))
+# sm90, from the tile sweeps in bench/NOTES.md (H100, N=16384): one warpgroup per 64 query rows, 128-key blocks
+# through the bulk-copy engine. FP8 P·V keeps 3 stages in flight, FP16 P·V 2 (its V tiles are twice as large).
+_HOPPER = {(d, pv): (Tile(64, 64, 8, 2) if d == 256 else Tile(64, 128, 4, 3 if pv == "fp8" else 2, True))
+           for d in (32, 64, 128, 256) for pv in ("fp16", "fp8")}
 
 ARCHES = {
     "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
     "sm86": ArchEntry("sm86", False, "fp16", "RTX 30xx: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
     "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
-    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V measured faster at equal accuracy budget",
-                      _HOPPER, 1 << 22),
+    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at head dim 128 (and keeps "
+                      "relative L1 under 0.038); at head dim <= 64 FP16 P·V is as fast and 3x more accurate",
+                      _HOPPER, 8192 * 8192, {32: "fp16", 64: "fp16"}),
     "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
     "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",

@@ -1,12 +1,19 @@
 """Which attention path ran, counted per call; each fallback reason is logged once per process."""
 import logging
+import sys
 import threading
+import types
 from collections import Counter
 
 log = logging.getLogger("comfy_sage")
-_lock = threading.Lock()
-_calls: Counter = Counter()
-_logged: set = set()
+
+# One store per process, not per module object: the pack can be imported under two names at once (ComfyUI loads
+# it by folder as custom_nodes.<name>, scripts import comfy_sage), and the custom op registered by the first import
+# serves both.
+_store = sys.modules.setdefault("_comfy_sage_counters", types.ModuleType("_comfy_sage_counters"))
+if not hasattr(_store, "calls"):
+    _store.lock, _store.calls, _store.logged = threading.Lock(), Counter(), set()
+_lock, _calls, _logged = _store.lock, _store.calls, _store.logged
 
 
 def count(path: str, why: str | None = None) -> None:

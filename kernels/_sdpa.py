@@ -8,7 +8,7 @@ from ._api import MAX_HEAD_DIM, _op
 from ._counters import count
 
 
-def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, scale=None, enable_gqa=False):
     """None when the 8-bit kernel applies; else (counter path, reason)."""
     if attn_mask is not None:
         return "sdpa:mask", "an attention mask is given (the 8-bit kernel takes none)"
@@ -40,8 +40,6 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
         if query.device.type == "cpu":
             return "sdpa:cpu", "CPU tensors"
         return "sdpa:gpu", "GPU without INT8 tensor cores (needs sm80+)"
-    if query.requires_grad or key.requires_grad or value.requires_grad:
-        pass  # the op's backward is exact; forward stays 8-bit
     if query.shape[-2] * key.shape[-2] < entry.min_pairs:
         return "sdpa:short", f"sequence too short to gain on {entry.name} (< {entry.min_pairs} query-key pairs)"
     try:
@@ -54,7 +52,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
 def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               *, pv="auto"):
     """Same arguments and result as F.scaled_dot_product_attention ([B, H, N, D] inputs)."""
-    why = _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    why = fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if why is None:
         return _op(query, key, value, "HND", bool(is_causal), float(scale) if scale is not None else 0.0, pv,
                    False)[0]

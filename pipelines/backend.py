@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import sage_attention, sage_sdpa
-from ..kernels._counters import count  # the same counters `kernels.counters()` reports
-from ..kernels._sdpa import _fallback_reason
+from ..kernels import count, fallback_reason  # the same counters `kernels.counters()` reports
 
 PV_BY_BACKEND = {
     "comfy_sage": "auto",
@@ -119,7 +118,7 @@ def attend_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     attn_mask = _normalize_mask(attn_mask, query, key)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if pv is not None:
-        why = _fallback_reason(q, k, v, attn_mask, 0.0, scale, enable_gqa)
+        why = fallback_reason(q, k, v, attn_mask, 0.0, scale, enable_gqa)
         if why is None:
             out, lse = sage_attention(query, key, value, layout="NHD", is_causal=is_causal, scale=scale,
                                       return_lse=True, pv=pv)

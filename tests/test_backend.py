@@ -25,26 +25,7 @@ from comfy_sage.pipelines.backend import attend_with_lse  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _counter_modules():
-    """Every loaded copy of kernels/_counters.py. Under pytest the repository is imported more than once
-    (`main.kernels` by importlib mode, `kernels` by transformers' probe for the PyPI `kernels` package), and the
-    custom op runs whichever copy registered it last: counts from all copies are the same kernel's counts."""
-    import sys
-
-    return [m for n, m in list(sys.modules.items()) if n.endswith("kernels._counters") and hasattr(m, "counters")]
-
-
-def counters():
-    total = {}
-    for m in _counter_modules():
-        for k, v in m.counters().items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
-def reset_counters():
-    for m in _counter_modules():
-        m.reset_counters()
+from comfy_sage.kernels import counters, reset_counters  # noqa: E402  (one store per process)
 
 
 def sage_calls():

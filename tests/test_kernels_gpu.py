@@ -87,15 +87,15 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_torch_compile_fullgraph_inductor():
-    lin = torch.nn.Linear(64, 64, device="cuda", dtype=torch.float16)
+    lin = torch.nn.Linear(512, 512, device="cuda", dtype=torch.float16)
 
     def f(x):
-        q = lin(x).view(1, 1024, 8, 8 * 0 + 64 // 8 * 8).transpose(1, 2)
-        return sage_attention(q, q, q).sum()
+        q = lin(x).view(1, 1024, 8, 64).transpose(1, 2)
+        return sage_attention(q, q, q).float().sum()
 
-    x = torch.randn(1, 1024, 64 * 8 // 8, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 1024, 512, device="cuda", dtype=torch.float16)
     compiled = torch.compile(f, fullgraph=True)
-    assert torch.allclose(compiled(x).float(), f(x).float(), rtol=1e-2)
+    assert torch.allclose(compiled(x), f(x), rtol=1e-2, atol=1e-2)
 
 
 def test_sage_sdpa_keeps_sdpa_where_it_is_faster():

@@ -18,26 +18,7 @@ from comfy_sage.pipelines._tiny import tiny_wan_pipeline  # noqa: E402
 SMALL = dict(num_frames=5, height=32, width=32, steps=3, progress=False)
 
 
-def _counter_modules():
-    """Every loaded copy of kernels/_counters.py. Under pytest the repository is imported more than once
-    (`main.kernels` by importlib mode, `kernels` by transformers' probe for the PyPI `kernels` package), and the
-    custom op runs whichever copy registered it last: counts from all copies are the same kernel's counts."""
-    import sys
-
-    return [m for n, m in list(sys.modules.items()) if n.endswith("kernels._counters") and hasattr(m, "counters")]
-
-
-def counters():
-    total = {}
-    for m in _counter_modules():
-        for k, v in m.counters().items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
-def reset_counters():
-    for m in _counter_modules():
-        m.reset_counters()
+from comfy_sage.kernels import counters, reset_counters  # noqa: E402  (one store per process)
 
 
 def sage_calls(c=None):
