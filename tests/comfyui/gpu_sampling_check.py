@@ -30,7 +30,7 @@ def build_wan(dim, layers, heads, dtype, device):
           "dim": dim, "ffn_dim": 8960 if dim == 1536 else dim * 4, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": heads,
           "num_layers": layers, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
     cfg = sm.WAN21_T2V(uc)
-    cfg.set_inference_dtype(dtype, None)
+    cfg.set_inference_dtype(dtype, dtype)  # manual-cast ops: Wan's patch embedding runs in fp32
     cfg.unet_config["dtype"] = dtype
     model = cfg.get_model({}, device=device)
     C._init_weights(model.diffusion_model, std=0.02)
