@@ -98,6 +98,33 @@ def resolve_device(device):
     return dev
 
 
+
+def check_request(prompt, attention, pv, seed, schedule, device):
+    """The checks every generate() makes first; returns (schedule or None, torch.device)."""
+    from .backend import check_pv
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    check_choice("attention", attention, ATTENTIONS)
+    check_pv(pv)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    schedule = as_schedule(schedule)
+    if schedule is not None and attention != "sage":
+        raise ValueError("a schedule only applies to attention='sage'")
+    return schedule, resolve_device(device)
+
+
+def pick_pipeline(pipeline, supported: dict, load):
+    """(pipe, family, label) for a given pipeline object of a supported class, else from `load()`."""
+    if pipeline is None:
+        return load()
+    family = getattr(pipeline, "_comfy_sage_family", None) or supported.get(type(pipeline).__name__)
+    if family is None:
+        raise ValueError(f"pipeline {type(pipeline).__name__} is not supported here; supported: "
+                         f"{', '.join(sorted(supported))}")
+    return pipeline, family, type(pipeline).__name__
+
 def load_local_pipeline(path, allowed: dict, dtype):
     """Load a diffusers folder from disk only (local_files_only, safetensors). allowed: {pipeline class name:
     family}. Errors name what is missing or wrong."""

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from . import _run
-from .backend import check_pv
 
 PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 DEFAULTS = {
@@ -47,25 +46,9 @@ def generate(prompt: str, *, model=None, height: int | None = None, width: int |
     """Generate an image with 8-bit attention ("sage") or SDPA ("sdpa"). Same arguments and result as
     `sage_video.generate` without frames; compare=True writes `<out>.sdpa`, `<out>.side_by_side`, `<out>.diff`
     images and `<out>.json` (timings, speed-up, PSNR)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
-    _run.check_choice("attention", attention, _run.ATTENTIONS)
-    check_pv(pv)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    schedule = _run.as_schedule(schedule)
-    if schedule is not None and attention != "sage":
-        raise ValueError("a schedule only applies to attention='sage'")
-    dev = _run.resolve_device(device)
+    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
     dtype = torch.bfloat16
-    if pipeline is not None:
-        family = getattr(pipeline, "_comfy_sage_family", None) or PIPELINES.get(type(pipeline).__name__)
-        if family is None:
-            raise ValueError(f"pipeline {type(pipeline).__name__} is not supported here; supported: "
-                             f"{', '.join(sorted(PIPELINES))}")
-        pipe, label = pipeline, type(pipeline).__name__
-    else:
-        pipe, family, label = load(model, dev, dtype)
+    pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
     d = DEFAULTS[family]
     height = _run.check_positive_int("height", d["height"] if height is None else height)
     width = _run.check_positive_int("width", d["width"] if width is None else width)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from . import _run
-from .backend import check_pv
 
 # pipeline class -> family; and each family's defaults (frames, height, width, steps, guidance, fps)
 PIPELINES = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox", "LTXPipeline": "ltx",
@@ -78,25 +77,9 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
     `<out>.diff` (|difference| x4) videos and `<out>.json` (timings, per-step speed-up, per-frame PSNR).
     Returns a RunResult: path, frames (uint8 [F, H, W, 3]), step_times, counters, compare...
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
-    _run.check_choice("attention", attention, _run.ATTENTIONS)
-    check_pv(pv)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    schedule = _run.as_schedule(schedule)
-    if schedule is not None and attention != "sage":
-        raise ValueError("a schedule only applies to attention='sage'")
-    dev = _run.resolve_device(device)
+    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
     dtype = torch.bfloat16
-    if pipeline is not None:
-        family = getattr(pipeline, "_comfy_sage_family", None) or PIPELINES.get(type(pipeline).__name__)
-        if family is None:
-            raise ValueError(f"pipeline {type(pipeline).__name__} is not supported here; supported: "
-                             f"{', '.join(sorted(PIPELINES))}")
-        pipe, label = pipeline, type(pipeline).__name__
-    else:
-        pipe, family, label = load(model, dev, dtype)
+    pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
     d = DEFAULTS[family]
     num_frames = _run.check_positive_int("num_frames", d["num_frames"] if num_frames is None else num_frames)
     height = _run.check_positive_int("height", d["height"] if height is None else height)
