@@ -125,6 +125,18 @@ def pick_pipeline(pipeline, supported: dict, load):
                          f"{', '.join(sorted(supported))}")
     return pipeline, family, type(pipeline).__name__
 
+
+def load_model(model, device, dtype, supported: dict, tiny, tiny_family: str, tiny_name: str):
+    """(pipeline, family, label): the embedded tiny pipeline `tiny(dtype=...)` for model=None, else a local
+    diffusers folder of one of the `supported` classes."""
+    if model is None:
+        return tiny(dtype=dtype).to(device), tiny_family, f"embedded {tiny_name} (random weights)"
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be None (embedded {tiny_name}) or a path to a diffusers folder, got "
+                        f"{type(model).__name__}")
+    pipe, family = load_local_pipeline(model, supported, dtype)
+    return pipe.to(device), family, str(model)
+
 def load_local_pipeline(path, allowed: dict, dtype):
     """Load a diffusers folder from disk only (local_files_only, safetensors). allowed: {pipeline class name:
     family}. Errors name what is missing or wrong."""

@@ -23,15 +23,10 @@ DEFAULTS = {
 
 
 def load(model, device, dtype):
-    if model is None:
-        from ._tiny import tiny_flux_pipeline
+    """(pipeline, family, label) for model=None (embedded tiny Flux) or a local diffusers folder."""
+    from ._tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline(dtype=dtype).to(device), "tiny-flux", "embedded tiny Flux (random weights)"
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be None (embedded tiny Flux) or a path to a diffusers folder, got "
-                        f"{type(model).__name__}")
-    pipe, family = _run.load_local_pipeline(model, PIPELINES, dtype)
-    return pipe.to(device), family, str(model)
+    return _run.load_model(model, device, dtype, PIPELINES, tiny_flux_pipeline, "tiny-flux", "tiny Flux")
 
 
 def size_multiple(pipe, family):

@@ -51,15 +51,9 @@ def check_frames_and_size(pipe, family, num_frames, height, width):
 
 def load(model, device, dtype):
     """(pipeline, family, label) for model=None (embedded tiny Wan) or a local diffusers folder."""
-    if model is None:
-        from ._tiny import tiny_wan_pipeline
+    from ._tiny import tiny_wan_pipeline
 
-        return tiny_wan_pipeline(dtype=dtype).to(device), "tiny-wan", "embedded tiny Wan (random weights)"
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be None (embedded tiny Wan) or a path to a diffusers folder, got "
-                        f"{type(model).__name__}")
-    pipe, family = _run.load_local_pipeline(model, PIPELINES, dtype)
-    return pipe.to(device), family, str(model)
+    return _run.load_model(model, device, dtype, PIPELINES, tiny_wan_pipeline, "tiny-wan", "tiny Wan")
 
 
 def generate(prompt: str, *, model=None, num_frames: int | None = None, height: int | None = None,
