@@ -78,19 +78,24 @@ def metrics(out, ref):
             round(((o - r) ** 2).mean().sqrt().item(), 6)]
 
 
-def speed(ms_, quick=False, names=None):
+def speed(ms_, quick=False, names=None, rounds=3):
+    """TOPS per grid shape and method. Methods are timed in turn, `rounds` times, keeping each one's best median:
+    one pass per method drifted by 5-10% between methods with the clock and temperature (bench/NOTES.md)."""
     rows = []
     for s in grid(quick):
         q, k, v = inputs(s)
-        row = dict(s)
-        for name, fn in ms_.items():
-            if names and name not in names:
-                continue
-            try:
-                row[name] = round(tops(s, _time(lambda: fn(q, k, v, s["causal"]))), 1)
-            except Exception as e:  # a backend that does not run this shape is reported, not fatal
-                row[name] = None
-                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
+        row, best = dict(s), {}
+        for _ in range(rounds):
+            for name, fn in ms_.items():
+                if (names and name not in names) or name in row.get("errors", {}):
+                    continue
+                try:
+                    best[name] = min(best.get(name, math.inf), _time(lambda: fn(q, k, v, s["causal"])))
+                except Exception as e:  # a backend that does not run this shape is reported, not fatal
+                    row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
+        for name in ms_:
+            if not names or name in names:
+                row[name] = round(tops(s, best[name]), 1) if name in best else None
         rows.append(row)
         print(_fmt(row), flush=True)
         del q, k, v

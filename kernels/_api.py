@@ -97,7 +97,7 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
                              fp8_v=fp8_v)
         _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                              block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, num_warps=tile.num_warps,
-                             num_stages=tile.num_stages, tma=tile.tma)
+                             num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
         if return_lse:
             # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
             km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)

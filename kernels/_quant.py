@@ -6,8 +6,10 @@
   block). Any vector shared by all tokens keeps the scores exact up to a per-row shift, which softmax ignores;
   we use the mean of SAMPLE evenly spaced tokens so every program computes the same vector from a few L2-resident
   rows and k is still read once.
-- v (FP8 path only): one scale per channel per key block, stored transposed ([D, N]) because FP8 tensor cores
-  want both operands K-major.
+- v (FP8 path only): one scale per channel over all tokens, stored transposed ([D, N]) because FP8 tensor cores
+  want both operands K-major. A whole-sequence scale lets the attention kernel apply it once after its loop
+  instead of once per key block (per-block scales measured no more accurate: bench/NOTES.md); its maximum is
+  one extra read of v before the launch.
 
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
 masks) and to an 8-byte row stride along the head dim (the memory budget of 0.6x q+k+v holds for D=40 too).
@@ -77,16 +79,15 @@ def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
 @triton.jit
 def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
              D: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # v (FP8 path): per-channel scale per key block, written transposed [D, Nk_pad]; pad tokens become zeros.
+    # v (FP8 path): per-channel scale (computed before the launch), written transposed [D, Nk_pad]; pad tokens
+    # become zeros.
     d = tl.arange(0, DP)
     rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
                    + d[None, :], rows < Nk, d, D, DP)
-    amax = tl.max(tl.abs(x), axis=0)
-    s = tl.where(amax > 0, amax / 448.0, 1.0)
+    s = tl.load(VS + bh.to(tl.int64) * DP + d)
     x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
     tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + rows[:, None], x8, mask=d[None, :] < D)
-    tl.store(VS + (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * DP + d, s)
 
 
 @triton.jit
@@ -118,7 +119,7 @@ class Quantized:
     ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n] fp32
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
-    vs: torch.Tensor | None   # [B, Hkv, Nk_pad // block_n, DP] fp32
+    vs: torch.Tensor | None   # [B, Hkv, DP] fp32
 
 
 def _ceil(n: int, m: int) -> int:
@@ -138,7 +139,10 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
     if fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
-        vs = torch.empty((B, Hkv, Nk_pad // block_n, DP), dtype=torch.float32, device=dev)
+        vs = torch.ones((B, Hkv, DP), dtype=torch.float32, device=dev)
+        # max |v| per channel without a temporary copy of v
+        amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)
+        vs[..., :D] = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     else:
         v8 = vs = None
     grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if fp8_v else 2)

@@ -36,10 +36,9 @@ def quantize(q, k, v, *, scale, block_n, fp8_v):
 
     v8 = vs = None
     if fp8_v:
-        vb = torch.nn.functional.pad(v32, (0, 0, 0, pad)).unflatten(2, (nb, block_n))
-        amax = vb.abs().amax(-2)
+        amax = v32.abs().amax(-2)
         vs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        v8 = (vb * (1.0 / vs)[..., None, :]).to(torch.float8_e4m3fn).flatten(2, 3)[:, :, :Nk]
+        v8 = (v32 * (1.0 / vs)[..., None, :]).to(torch.float8_e4m3fn)
     return q8, qs, k8, ks, kmean, v8, vs
 
 
@@ -71,13 +70,16 @@ def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
         m_new = torch.maximum(m, s.amax(-1) * c)
         p = torch.exp2(s * c[..., None] - (m_new - shift)[..., None])
         alpha = torch.exp2(m - m_new)
-        l = l * alpha + p.sum(-1)
-        if fp8_v:
-            pv_ = p.to(torch.float8_e4m3fn).float() @ v8[:, :, n0:n1].float()
-            acc = acc * alpha[..., None] + pv_ * vs[:, :, j, None, :]
+        if fp8_v:  # row sums of the FP8 P that multiplies v (the kernel sums it on the tensor cores)
+            p = p.to(torch.float8_e4m3fn).float()
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + p @ v8[:, :, n0:n1].float()
         else:
+            l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + p.to(pdtype).float() @ vv[:, :, n0:n1].to(pdtype).float()
         m = m_new
+    if fp8_v:
+        acc = acc * vs[:, :, None, :]
     out = (acc / l[..., None]).to(q.dtype)
     lse = (m + torch.log2(l) - shift) * math.log(2) + scale * torch.einsum("bhnd,bhd->bhn", q.float(), kmean)
     return out, lse
