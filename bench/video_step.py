@@ -25,6 +25,16 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
+def environment() -> dict:
+    """Where a result was measured: the header of every bench JSON written on the GPU machine (and the CPU smoke)."""
+    from ..kernels import doctor
+
+    d = doctor()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "triton": d["triton"], "python": platform.python_version(), "doctor": d}
+
+
 def _time_steps(model, inputs, steps, warmup=1):
     """Median and all per-step times (s) of `steps` CFG steps (2 forwards each), after `warmup` steps."""
     times = []
@@ -110,14 +120,8 @@ def main(argv=None) -> int:
         print(f"error: Wan takes 4k+1 frames and sizes that are multiples of 16 (got {args.frames} frames, "
               f"{args.height}x{args.width})")
         return 2
-    import triton
-
-    from ..kernels import doctor
-
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "doctor": doctor(),
-           "wan_1_3b_shaped": wan_shaped(args.steps, args.layers, args.frames, args.height, args.width)}
+    res = dict(environment(),
+               wan_1_3b_shaped=wan_shaped(args.steps, args.layers, args.frames, args.height, args.width))
     print(json.dumps(res["wan_1_3b_shaped"], default=str), flush=True)  # kept even if the embedded run fails
     if not args.skip_embedded:
         res["embedded_tiny_wan"] = embedded(os.path.dirname(os.path.abspath(args.out)))
