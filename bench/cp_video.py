@@ -28,7 +28,10 @@ cards), and the same inputs: 480p / 81 frames = latent 1x16x21x60x104 = 32,760 t
 For each CP run: per-step time (slowest rank's median), speed-up vs SDPA in the same mode, scaling efficiency
 t_single / (n_gpus * t_cp), per-rank counters (which kernel path ran), and the output against the single-GPU output
 of the same attention (relative L1, cosine). Checks:
-  pass               rel L1 vs single of the same attention <= tolerance (single sage vs single SDPA)
+  pass               rel L1 vs single of the same attention <= tolerance (single sage vs single SDPA); for
+                     comfy_sage, plus the drift the mode itself causes with exact attention (CP SDPA vs single
+                     SDPA): splitting the sequence changes the rounding of every layer of a bf16 model, and 40
+                     random-weight layers amplify it to the kernel's own level (5e-3 on the 14B shape)
   pass_kernel_error  comfy_sage only: its error under CP, rel L1(CP sage, CP SDPA of the mode), is within 10% of
                      its error on one GPU (the tolerance). Ring re-blocks and re-scales the quantization for each
                      key chunk, so its 8-bit output is a different (equally accurate) rounding of the same attention:
@@ -319,7 +322,9 @@ def main(argv=None) -> int:
             for attention, backend in (("sdpa", sdpa_backend), ("comfy_sage", "comfy_sage")):
                 rec, outs[attention] = bench.run(model, inputs, mode, attention, backend)
                 rec["rel_l1_vs_single"], rec["cos_vs_single"] = compare(outs[attention], ref[attention])
-                rec["pass"] = rec["rel_l1_vs_single"] <= tol
+                drift = runs[f"{mode}_sdpa"]["rel_l1_vs_single"] if attention == "comfy_sage" else 0.0
+                rec["tolerance"] = tol + drift
+                rec["pass"] = rec["rel_l1_vs_single"] <= rec["tolerance"]
                 rec["scaling_efficiency"] = (runs[f"single_{attention}"]["median_step_s"]
                                              / (world * rec["median_step_s"]))
                 rec["speedup_vs_single_sdpa"] = runs["single_sdpa"]["median_step_s"] / rec["median_step_s"]
@@ -369,7 +374,8 @@ def summary(res) -> str:
         lines.append(f"{name:<20}{r['backend']:<18}{r['median_step_s']:>8.3f}{f('speedup_vs_sdpa', '.2f'):>9}"
                      f"{f('scaling_efficiency', '.2f'):>9}{f('rel_l1_vs_single', '.2e'):>14}"
                      f"{f('cos_vs_single', '.6f'):>10}{f('kernel_error_ratio', '.2f'):>12}  {passed}")
-    lines.append("pass: rel L1 vs single <= tolerance; after '/': comfy_sage's error under CP (vs CP SDPA) "
+    lines.append("pass: rel L1 vs single <= tolerance (+ the mode's exact drift for comfy_sage); after '/': "
+                 "comfy_sage's error under CP (vs CP SDPA) "
                  f"<= {KERNEL_ERROR_MARGIN:.2f} x tolerance")
     return "\n".join(lines)
 
