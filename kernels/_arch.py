@@ -28,9 +28,13 @@ class ArchEntry:
     # sage_sdpa keeps SDPA below this many (query, key) pairs per head: launch and quantization overhead win there.
     min_pairs: int = 0
     pv_by_dim: dict = field(default_factory=dict)  # padded head dim -> pv, where it differs from pv_auto
+    min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
 
     def pv_for(self, head_dim: int) -> str:
         return self.pv_by_dim.get(head_dim_bucket(head_dim), self.pv_auto)
+
+    def sdpa_below(self, head_dim: int, causal: bool) -> int:
+        return self.min_pairs_by.get((head_dim_bucket(head_dim), bool(causal)), self.min_pairs)
 
 
 def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
@@ -53,7 +57,11 @@ ARCHES = {
     "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.15-1.25x "
                       "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.011 for FP16 P·V, which pv='fp16' or "
-                      "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192),
+                      "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192,
+                      # crossovers with cuDNN in the H100 grid (bench/results): hd128 full gains from N=4096,
+                      # hd64 causal only from N=16384
+                      min_pairs_by={(128, False): 4096 * 4096, (64, True): 16384 * 16384,
+                                    (32, True): 16384 * 16384}),
     "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
     "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",
@@ -134,4 +142,7 @@ def doctor() -> dict:
         info["path"] = f"int8-{entry.pv_auto}pv"
         info["why"] = entry.why
         info["sdpa_below_pairs"] = entry.min_pairs
+        if entry.min_pairs_by:
+            info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": n
+                                                           for (d, c), n in entry.min_pairs_by.items()}
     return info

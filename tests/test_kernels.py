@@ -172,6 +172,18 @@ def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
         sage_attention(q, q, q, pv="fp8")
 
 
+def test_short_sequence_threshold_depends_on_head_dim_and_causal(monkeypatch):
+    # the sm90 table: hd128 full gains from N=4096, hd128 causal and hd64 full from 8192, hd64 causal from 16384
+    monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
+    for D, N, causal, applies in ((128, 4096, False, True), (128, 4096, True, False), (128, 8192, True, True),
+                                  (64, 4096, False, False), (64, 8192, False, True), (64, 8192, True, False)):
+        q = torch.empty(1, 1, N, D, dtype=torch.float16, device="meta")
+        why = kernels.fallback_reason(q, q, q, is_causal=causal)
+        assert (why is None) == applies, (D, N, causal, why)
+        if not applies:
+            assert why[0] == "sdpa:short"
+
+
 def _same_as_sdpa(q, k, v, **kw):
     torch.manual_seed(0)
     a = sage_sdpa(q, k, v, **kw)
