@@ -80,16 +80,19 @@ def arch_of(device) -> ArchEntry | None:
         return ARCHES["interpret"] if interpreting() else None
     if device.type != "cuda":
         return None
-    if device.index is None:
+    index = device.index
+    if index is None:
         import torch
 
-        return _cuda_arch(torch.cuda.current_device())
-    return _cuda_arch(device.index)
+        index = torch.cuda.current_device()
+    key = _cuda_arch_key(index)
+    return ARCHES[key] if key else None
 
 
 @functools.cache
-def _cuda_arch(index) -> ArchEntry | None:
-    # cached: sage_sdpa asks on every call, and its fallback must cost no more than SDPA's own dispatch
+def _cuda_arch_key(index) -> str | None:
+    # cached: sage_sdpa asks on every call, and its fallback must cost no more than SDPA's own dispatch (the key,
+    # not the entry, so that a patched table is seen)
     import torch
 
     if torch.version.hip:
@@ -99,12 +102,12 @@ def _cuda_arch(index) -> ArchEntry | None:
         return None
     key = f"sm{major}{minor}"
     if key in ARCHES:
-        return ARCHES[key]
+        return key
     if major >= 12:
-        return ARCHES["sm120"]
+        return "sm120"
     if major >= 9:
-        return ARCHES["sm90"]
-    return ARCHES["sm89"] if minor >= 9 else ARCHES["sm86"]
+        return "sm90"
+    return "sm89" if minor >= 9 else "sm86"
 
 
 def head_dim_bucket(d: int) -> int:

@@ -2,7 +2,6 @@
 faster, and SDPA itself (exactly) everywhere else, counting why."""
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 from . import _arch
 from ._api import MAX_HEAD_DIM, _op
@@ -62,19 +61,5 @@ def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if not torch.compiler.is_compiling():
         count(*why)
     kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
-    if not query.is_cuda or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, **kwargs)
-    # cuDNN first where it applies, as ComfyUI does: on the H100 it beats SDPA's default choice by up to 8% at the
-    # lengths that fall back. The priority is set and restored directly (sdpa_kernel() costs ~25 us a call).
-    prev = torch._C._get_sdp_priority_order()
-    torch._C._set_sdp_priority_order(_CUDNN_FIRST)
-    try:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, **kwargs)
-    finally:
-        torch._C._set_sdp_priority_order(prev)
-
-
-_CUDNN_FIRST = [int(b) for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE)]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kwargs)

@@ -17,6 +17,10 @@ How a call is located
      calls are cross-attention.
   3. Anything else (e.g. SD3's MMDiT): counted per model forward; a call whose keys are as long as its queries is
      a self-attention call and starts a new block, any other call is cross-attention of the current block.
+
+Calibration (SageAttention Calibrate): the first model call of the first sampling loads the saved per-site
+decision for these weights, or runs every attention exactly while measuring each site (`kernels.calibrate`);
+the decision becomes the schedule's overrides from the next call on.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from collections import Counter, defaultdict
 import torch
 
 from ..kernels import counters as kernel_counters
-from ..kernels import sage_sdpa
+from ..kernels import fallback_reason, sage_sdpa
+from ..kernels.calibrate import Calibrator, fingerprint
 from ..kernels.schedule import ALL, Schedule, step_index
 
 log = logging.getLogger("comfy_sage")
@@ -49,10 +54,11 @@ class HookMissing(RuntimeError):
 
 class _Forward:
     """State of one model forward (one call of apply_model)."""
-    __slots__ = ("step", "num_steps", "block", "block_calls", "unet_keys", "unet_calls", "counter")
+    __slots__ = ("step", "num_steps", "block", "block_calls", "unet_keys", "unet_calls", "counter", "calibrating")
 
-    def __init__(self, step, num_steps):
+    def __init__(self, step, num_steps, calibrating=False):
         self.step, self.num_steps = step, num_steps
+        self.calibrating = calibrating  # this call runs exact attention and measures every site
         self.block = None          # (flat, group, group_index) set by our block patch
         self.block_calls = 0
         self.unet_keys: dict = {}
@@ -65,11 +71,13 @@ class SageState:
     and per-step timings of the current run."""
 
     def __init__(self, enabled: bool, pv: str, schedule: Schedule | None, verbose: bool, structure: dict,
-                 previous_override=None, label: str = "sage"):
+                 previous_override=None, label: str = "sage", calibrator: Calibrator | None = None):
         self.enabled = enabled
         self.schedule = (schedule or ALL)
         if pv != "auto":
             self.schedule = self.schedule.compose(Schedule(pv=pv))
+        self.base_schedule = self.schedule  # before calibration's per-site overrides
+        self.calibrator = calibrator
         self.verbose = verbose
         self.structure = structure
         self.previous = previous_override
@@ -116,38 +124,18 @@ class SageState:
         nk = k.shape[2] if skip_reshape else k.shape[1]
         block, group, gidx, kind = _locate(fw, to, nq, nk)
         step = fw.step
+        if fw.calibrating:
+            self._measure(q, k, v, heads, mask, skip_reshape, kwargs, block, group, gidx, kind)
+            self.record("exact:calibration", step, block, kind)
+            return self._exact(func, args, kwargs)
 
         variant = self.schedule.variant(step, fw.num_steps, block, kind, group=group, group_index=gidx)
-        why = None
-        if variant is None:
-            why = "exact:schedule"
-        elif kwargs.get("low_precision_attention", True) is False:
-            why = "exact:low_precision_off"
-        elif mask is not None:
-            why = "exact:mask"
-        elif q.dtype == torch.float32 or q.dtype not in (torch.float16, torch.bfloat16):
-            why = "exact:fp32" if q.dtype == torch.float32 else "exact:dtype"
-        elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            why = "exact:cpu"
-        elif q.device.type not in ("cpu", "cuda"):
-            why = "exact:device"
-        elif q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
-            why = "exact:gpu"
-        else:
-            dh = q.shape[-1] if skip_reshape else q.shape[-1] // heads
-            if not 1 <= dh <= MAX_HEAD_DIM or (not skip_reshape and q.shape[-1] % heads):
-                why = "exact:head_dim"
-            elif v.shape[-1] != k.shape[-1]:
-                why = "exact:head_dim"
+        why = "exact:schedule" if variant is None else _why_exact(q, k, v, heads, mask, skip_reshape, kwargs)
         if why is not None:
             self.record(why, step, block, kind)
             return self._exact(func, args, kwargs)
 
-        if skip_reshape:
-            qh, kh, vh = q, k, v
-        else:
-            b, dh = q.shape[0], q.shape[-1] // heads
-            qh, kh, vh = (t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
+        qh, kh, vh = _to_hnd(q, k, v, heads, skip_reshape)
         before = kernel_counters()
         out = sage_sdpa(qh, kh, vh, enable_gqa=bool(kwargs.get("enable_gqa", False)), pv=variant)
         after = kernel_counters()
@@ -157,23 +145,55 @@ class SageState:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
+    def _measure(self, q, k, v, heads, mask, skip_reshape, kwargs, block, group, gidx, kind):
+        """Calibration: measure the 8-bit variants on this call where the kernel would run it."""
+        if block is None or _why_exact(q, k, v, heads, mask, skip_reshape, kwargs) is not None:
+            return
+        qh, kh, vh = _to_hnd(q, k, v, heads, skip_reshape)
+        gqa = bool(kwargs.get("enable_gqa", False))
+        if fallback_reason(qh, kh, vh, enable_gqa=gqa) is None:
+            self.calibrator.observe(f"{block}:{kind}", qh, kh, vh, group=group, group_index=gidx)
+
+    def _calibration_starts(self, x) -> bool:
+        """Before a model call: True when this call must measure; installs a loaded or new decision."""
+        cal = self.calibrator
+        if cal is None or not cal.pending or not self.enabled or not isinstance(x, torch.Tensor):
+            return False
+        if cal.start(x.device):
+            return True
+        self.schedule = cal.schedule(self.base_schedule)
+        return False
+
+    def _calibration_done(self, ok: bool) -> None:
+        if not ok:
+            self.calibrator.abort()  # interrupted: measure again on the next call
+            return
+        self.calibrator.finish()
+        self.schedule = self.calibrator.schedule(self.base_schedule)
+
     # ---- wrappers: per forward and per sampling run ------------------------------------------------------
     def apply_model_wrapper(self, executor, *args, **kwargs):
         to = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
         step, n = _step_of(to)
-        token = _forward.set(_Forward(step, n))
         x = args[0] if args else None
+        calibrating = self._calibration_starts(x)
+        token = _forward.set(_Forward(step, n, calibrating))
+        ok = False
         sync = isinstance(x, torch.Tensor) and x.is_cuda
         if sync:
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            ok = True
+            return out
         finally:
             if sync:
                 torch.cuda.synchronize(x.device)
             dt = time.perf_counter() - t0
             _forward.reset(token)
+            if calibrating:
+                self._calibration_done(ok)
             with self._lock:
                 self.run["steps"][step] += dt
                 self.run["forwards"] += 1
@@ -210,6 +230,36 @@ class SageState:
                 if fw is not None:
                     fw.block, fw.block_calls = saved
         return patch
+
+
+def _why_exact(q, k, v, heads, mask, skip_reshape, kwargs) -> str | None:
+    """Why a call must run the original attention whatever the schedule says (None: the kernel may run)."""
+    if kwargs.get("low_precision_attention", True) is False:
+        return "exact:low_precision_off"
+    if mask is not None:
+        return "exact:mask"
+    if q.dtype == torch.float32 or q.dtype not in (torch.float16, torch.bfloat16):
+        return "exact:fp32" if q.dtype == torch.float32 else "exact:dtype"
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "exact:cpu"
+    if q.device.type not in ("cpu", "cuda"):
+        return "exact:device"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "exact:gpu"
+    dh = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+    if not 1 <= dh <= MAX_HEAD_DIM or (not skip_reshape and q.shape[-1] % heads):
+        return "exact:head_dim"
+    if v.shape[-1] != k.shape[-1]:
+        return "exact:head_dim"
+    return None
+
+
+def _to_hnd(q, k, v, heads, skip_reshape):
+    """[B, H, N, D] views of ComfyUI's [B, N, H*D] (or already [B, H, N, D] with skip_reshape)."""
+    if skip_reshape:
+        return q, k, v
+    b, dh = q.shape[0], q.shape[-1] // heads
+    return tuple(t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
 
 
 def _arg(args, kwargs, i, name):
@@ -304,20 +354,27 @@ def check_hook():
                           "Update ComfyUI.")
 
 
-def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None, verbose=False, label="sage"):
-    """Clone a ComfyUI ModelPatcher and install our override and wrappers on the clone; return (clone, state)."""
+def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None, verbose=False, label="sage",
+            calibrate: dict | None = None):
+    """Clone a ComfyUI ModelPatcher and install our override and wrappers on the clone; return (clone, state).
+    calibrate: None, or `Calibrator` options (budget, directory, recalibrate) to calibrate per site."""
     import comfy.patcher_extension as pe
 
     if enabled:
         check_hook()
-    structure = structure_of(model.get_model_object("diffusion_model"))
+    dm = model.get_model_object("diffusion_model")
+    structure = structure_of(dm)
+    calibrator = None
+    if calibrate is not None and enabled:
+        calibrator = Calibrator(weights_fingerprint(model, dm), model=structure["family"], pv=pv, **calibrate)
     sched = schedule or ALL
     if enabled:
         sched.check(num_blocks=structure["num_blocks"], groups=structure["groups"] or None)
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     previous = to.get("optimized_attention_override")
-    state = SageState(enabled, pv, sched, verbose, structure, previous_override=previous, label=label)
+    state = SageState(enabled, pv, sched, verbose, structure, previous_override=previous, label=label,
+                      calibrator=calibrator)
     if enabled:
         to["optimized_attention_override"] = state
         dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
@@ -329,6 +386,41 @@ def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None,
                             is_model_options=True)
     to["comfy_sage_state"] = state
     return m, state
+
+
+def weights_fingerprint(model, diffusion_model) -> str:
+    """`kernels.calibrate.fingerprint` of the weights the sampler will see, the same whether or not ComfyUI has
+    merged the model's patches (LoRAs) into them yet: merged weights are read from the patcher's backup of the
+    originals, and the patches themselves (keys, strengths, a sample of their tensors) are hashed as `extra`."""
+    backup = getattr(model, "backup", None) or {}  # keyed by the BaseModel's state-dict names
+
+    def tensors():
+        for name, t in list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers()):
+            bk = backup.get("diffusion_model." + name)
+            yield name, getattr(bk, "weight", bk) if bk is not None else t
+
+    patches = getattr(model, "patches", None) or {}
+    extra = [(str(key), _describe_patch(patches[key])) for key in sorted(patches, key=str)]
+    return fingerprint(tensors(), extra=extra or None)
+
+
+def _describe_patch(x, depth=0):
+    """A short, deterministic description of a ModelPatcher patch entry (tensors by shape and a few values)."""
+    if isinstance(x, torch.Tensor):
+        try:
+            flat = x.detach().reshape(-1)
+            values = flat[:: max(1, flat.numel() // 8)][:8].float().tolist()
+        except Exception:  # noqa: BLE001 - unreadable (quantized, meta): shape and dtype still count
+            values = None
+        return tuple(x.shape), str(x.dtype), values
+    if isinstance(x, (bool, int, float, str, type(None))):
+        return x
+    if depth > 4:
+        return type(x).__name__
+    if isinstance(x, (list, tuple)):
+        return tuple(_describe_patch(y, depth + 1) for y in x)
+    weights = getattr(x, "weights", None)  # comfy.weight_adapter adapters keep their tensors here
+    return (type(x).__name__, _describe_patch(weights, depth + 1)) if weights is not None else type(x).__name__
 
 
 def state_of(model) -> SageState | None:
@@ -351,6 +443,8 @@ def summary(state: SageState, baseline: SageState | None = None) -> str:
         name += " (disabled: default attention)"
     lines = [f"{name}: schedule {state.schedule.describe()}; model {state.structure.get('family')}, "
              f"{state.structure.get('num_blocks')} blocks"]
+    if state.calibrator is not None:
+        lines += ["  " + line for line in state.calibrator.describe()]
     if not run["forwards"]:
         lines.append("  no sampling recorded yet")
         return "\n".join(lines)

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ..kernels.calibrate import DEFAULT_BUDGET
 from ..kernels.schedule import Schedule, ScheduleError
 from . import _metrics, _runtime
 
@@ -58,6 +59,52 @@ class ApplySageAttention:
             raise TypeError(f"schedule must come from a SageAttention schedule node, got {type(schedule).__name__}")
         m, _ = _runtime.install(model, enabled=bool(enabled), pv=pv, schedule=schedule, verbose=bool(print_summary),
                                 label="sage" if enabled else "default")
+        return (m,)
+
+
+class SageAttentionCalibrate:
+    DESCRIPTION = ("Apply SageAttention, calibrated per attention site (block x self/cross): the first sampling "
+                   "measures every site against exact attention (that model call runs exactly) and keeps exact "
+                   "attention where 8-bit errs by more than the budget, FP8 or FP16 P·V elsewhere. The decision is "
+                   "saved as JSON for these weights and reused by later runs; the Report node lists it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "budget": ("FLOAT", {"default": DEFAULT_BUDGET, "min": 0.0, "max": 1.0, "step": 0.005,
+                                     "tooltip": "Largest relative L1 error (vs exact attention) a site may have "
+                                     "and still run 8-bit. FP8 P·V measures about 0.037 on ordinary layers, "
+                                     "FP16 about 0.011."}),
+                "pv": (["auto", "fp16", "fp8"], {"default": "auto", "tooltip": "auto: the GPU's faster P·V "
+                                                 "where it is within budget, else the other one; fp16/fp8: only "
+                                                 "that one (else exact)."}),
+                "recalibrate": ("BOOLEAN", {"default": False, "tooltip": "Measure again even if a calibration "
+                                            "for these weights is saved (and overwrite it)."}),
+                "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran and the per-site "
+                                              "decisions to the console after each sampling."}),
+            },
+            "optional": {
+                "schedule": (SCHEDULE_TYPE, {"tooltip": "Calibration only chooses among sites this schedule runs "
+                                             "8-bit (and may keep any site exact)."}),
+                "calibration_dir": ("STRING", {"default": "", "tooltip": "Where calibrations are saved; empty = "
+                                               "$COMFY_SAGE_CALIBRATION_DIR or ~/.cache/comfy_sage/calibration."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, budget=DEFAULT_BUDGET, pv="auto", recalibrate=False, print_summary=False, schedule=None,
+              calibration_dir=""):
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must come from a SageAttention schedule node, got {type(schedule).__name__}")
+        opts = {"budget": float(budget), "recalibrate": bool(recalibrate),
+                "directory": (calibration_dir or "").strip() or None}
+        m, _ = _runtime.install(model, enabled=True, pv=pv, schedule=schedule, verbose=bool(print_summary),
+                                label="sage-calibrated", calibrate=opts)
         return (m,)
 
 
@@ -125,8 +172,9 @@ class SageAttentionBlockSchedule:
 
 
 class SageAttentionReport:
-    DESCRIPTION = ("After sampling: per-step time, attention calls by path (8-bit, or exact and why) and, with a "
-                   "baseline model (Apply SageAttention with enabled off), the speed-up.")
+    DESCRIPTION = ("After sampling: per-step time, attention calls by path (8-bit, or exact and why), the "
+                   "per-site decisions of SageAttention Calibrate and, with a baseline model (Apply SageAttention "
+                   "with enabled off), the speed-up.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -214,6 +262,7 @@ class SageAttentionCompareLatents:
 
 NODE_CLASS_MAPPINGS = {
     "ApplySageAttention": ApplySageAttention,
+    "SageAttentionCalibrate": SageAttentionCalibrate,
     "SageAttentionStepSchedule": SageAttentionStepSchedule,
     "SageAttentionBlockSchedule": SageAttentionBlockSchedule,
     "SageAttentionReport": SageAttentionReport,
@@ -222,6 +271,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ApplySageAttention": "Apply SageAttention",
+    "SageAttentionCalibrate": "SageAttention Calibrate",
     "SageAttentionStepSchedule": "SageAttention Step Schedule",
     "SageAttentionBlockSchedule": "SageAttention Block Schedule",
     "SageAttentionReport": "SageAttention Report",

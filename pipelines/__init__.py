@@ -6,9 +6,10 @@ Importing this package registers the backends `comfy_sage`, `comfy_sage_fp16`, `
 """
 from .backend import register_backends
 from .enable import SageReport, disable_sage, enable_sage, sage_state, set_step
+from ..kernels.calibrate import DEFAULT_BUDGET, Calibration
 from ..kernels.schedule import Schedule, ScheduleError
 
 register_backends()
 
 __all__ = ["enable_sage", "disable_sage", "set_step", "sage_state", "SageReport", "Schedule", "ScheduleError",
-           "register_backends"]
+           "register_backends", "Calibration", "DEFAULT_BUDGET"]

@@ -19,7 +19,9 @@ Backend names (usable with `diffusers.attention_backend(...)` and `model.set_att
     comfy_sage_exact  exact attention (SDPA, or fp32 math when an LSE is needed): what a schedule uses where it
                       keeps full precision, and still context-parallel capable
 
-Masks are never dropped: `sage_sdpa` runs exact SDPA with the mask (counted as `sdpa:mask`).
+Masks are never dropped. A boolean key-padding mask (HunyuanVideo's prompt padding) is honoured by leaving the
+masked keys out of the call, so the 8-bit kernel runs; any other mask runs exact SDPA with the mask (counted as
+`sdpa:mask`).
 """
 from __future__ import annotations
 
@@ -64,12 +66,58 @@ def _normalize_mask(attn_mask, query, key):
     return attn_mask
 
 
+def _kept_keys(attn_mask, q, k):
+    """For a boolean key-padding mask ([B or 1, 1, 1, Nk]: which keys every query of a batch row may see; what
+    HunyuanVideo passes to every joint attention, and QwenImage with a padded prompt), the kept key indices per
+    batch row: a list of B index tensors (None = all keys), or None when the mask is anything else."""
+    if (attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1:3] != (1, 1)
+            or attn_mask.shape[-1] != k.shape[-2] or attn_mask.shape[0] not in (1, q.shape[0])
+            or torch.compiler.is_compiling()):
+        return None
+    keep = attn_mask[:, 0, 0, :].expand(q.shape[0], -1)
+    if bool(keep.all()):
+        return [None] * q.shape[0]
+    return [row.nonzero().squeeze(1) for row in keep]
+
+
+def _attend_kept_keys(q, k, v, kept, attn_mask, scale, kwargs, pv):
+    """Masked keys dropped instead of masked: the same softmax, so the 8-bit kernel can run. One call per batch
+    row whose kept keys differ from the previous row's; a row that keeps no key runs exact SDPA (its mask says so)."""
+    outs, b0 = [], 0
+    for b in range(1, q.shape[0] + 1):
+        if b < q.shape[0] and (kept[b] is None) == (kept[b0] is None) and (
+                kept[b] is None or torch.equal(kept[b], kept[b0])):
+            continue
+        rows, idx = slice(b0, b), kept[b0]
+        qb, kb, vb = q[rows], k[rows], v[rows]
+        if idx is not None and idx.numel() == 0:
+            m = attn_mask[rows] if attn_mask.shape[0] > 1 else attn_mask
+            count("sdpa:mask", "an attention mask is given (the 8-bit kernel takes none)")
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=scale, **kwargs))
+        else:
+            if idx is not None:
+                n = idx.numel()
+                if int(idx[-1]) == n - 1:  # a prefix (padding at the end): a view, no copy
+                    kb, vb = kb[:, :, :n], vb[:, :, :n]
+                else:
+                    kb, vb = kb.index_select(2, idx), vb.index_select(2, idx)
+            outs.append(sage_sdpa(qb, kb, vb, scale=scale, pv=pv, **kwargs))
+        b0 = b
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
 def attend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
            *, pv):
-    """Attention on [B, N, H, D]; pv=None is exact SDPA, else `sage_sdpa` (8-bit where it applies)."""
+    """Attention on [B, N, H, D]; pv=None is exact SDPA, else `sage_sdpa` (8-bit where it applies). A boolean
+    key-padding mask is honoured by dropping the masked keys (exact: they get zero weight either way), so the
+    8-bit kernel still runs; any other mask runs exact SDPA with the mask (`sdpa:mask`)."""
     attn_mask = _normalize_mask(attn_mask, query, key)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     kwargs = {"enable_gqa": True} if enable_gqa else {}
+    if pv is not None and not dropout_p and not is_causal:
+        kept = _kept_keys(attn_mask, q, k)
+        if kept is not None:
+            return _attend_kept_keys(q, k, v, kept, attn_mask, scale, kwargs, pv).transpose(1, 2)
     if pv is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                              scale=scale, **kwargs)
@@ -118,7 +166,7 @@ def attend_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     attn_mask = _normalize_mask(attn_mask, query, key)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if pv is not None:
-        why = fallback_reason(q, k, v, attn_mask, 0.0, scale, enable_gqa)
+        why = fallback_reason(q, k, v, attn_mask, 0.0, scale, enable_gqa, is_causal)
         if why is None:
             out, lse = sage_attention(query, key, value, layout="NHD", is_causal=is_causal, scale=scale,
                                       return_lse=True, pv=pv)

@@ -15,6 +15,11 @@ Steps: before every forward of a denoiser, a pre-hook reads the pipeline schedul
 the model's `timestep` matched against `scheduler.timesteps` for schedulers without one) and sets each site's
 variant for that step. A bare model (no pipeline) with a step-dependent schedule takes its step from
 `set_step(model, step, num_steps)`.
+
+Calibration (`calibrate=True`): the first forward of each denoiser loads the saved per-site decision for its
+weights (`kernels.calibrate`), or, when there is none, runs every attention exactly while measuring the 8-bit
+variants on a sample of query rows at each site; the decision becomes the schedule's `overrides` from the next
+forward on, and is saved for later runs.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 
+from ..kernels import fallback_reason
+from ..kernels.calibrate import DEFAULT_BUDGET, Calibrator, fingerprint
 from ..kernels.schedule import Schedule, ScheduleError
 from .backend import PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, wrap_sdpa_processor
 
@@ -55,6 +63,7 @@ class SageReport:
     skipped: list = field(default_factory=list)    # [(name, why)]
     num_blocks: int = 0
     groups: dict = field(default_factory=dict)
+    calibrator: Calibrator | None = None           # with calibrate=True: status, decision per site (.describe())
 
     def __str__(self):
         routes = {}
@@ -63,14 +72,19 @@ class SageReport:
         s = f"{self.model}: {len(self.sites)} attention sites -> comfy_sage ({routes})"
         if self.skipped:
             s += f"; left alone: {len(self.skipped)} ({self.skipped[0][1]})"
+        if self.calibrator is not None:
+            s += "\n" + "\n".join(self.calibrator.describe())
         return s
 
 
 class _State:
-    def __init__(self, model, sites, schedule, pv, step_source, report):
+    def __init__(self, model, sites, schedule, pv, step_source, report, calibrator=None):
         self.model = model
         self.sites = sites
         self.schedule = schedule
+        self.base_schedule = schedule    # the user's schedule, before calibration's overrides
+        self.calibrator = calibrator
+        self.cal_hooks = []              # hooks of a calibration forward in progress
         self.pv = pv
         self.step_source = step_source   # callable(args, kwargs) -> (step, num_steps) or None
         self.manual_step = None
@@ -201,7 +215,14 @@ def _scheduler_step(pipe):
 
 def _pre_hook(state):
     def hook(module, args, kwargs):
+        cal, measuring = state.calibrator, False
+        if cal is not None and cal.pending:  # first forward: load the saved decision, or measure this one
+            measuring = cal.start(_input_device(module, args, kwargs))
+            if not measuring:
+                _install_decision(state)
         if state.schedule is None:
+            if measuring:
+                _begin_measuring(state)
             return None
         step = state.manual_step or (state.step_source(args, kwargs) if state.step_source else None)
         if step is None:
@@ -212,9 +233,114 @@ def _pre_hook(state):
                     "comfy_sage.pipelines.set_step(model, step, num_steps) before each step")
             step = (None, None)
         state.apply(*step)
+        if measuring:
+            _begin_measuring(state)
         return None
 
     return hook
+
+
+# ---- calibration ---------------------------------------------------------------------------------------------
+_SDPA = torch._C._nn.scaled_dot_product_attention  # what both routes end in when a site runs exact
+
+
+class _MeasureSDPA(TorchFunctionMode):
+    """Active during one site's attention-module forward in the calibration forward: each SDPA call there runs
+    exactly as asked (its result is the model's), and its q, k, v are measured for the site."""
+
+    def __init__(self, calibrator, site):
+        super().__init__()
+        self.calibrator, self.site = calibrator, site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is _SDPA:
+            self._observe(*args, **kwargs)
+        return out
+
+    def _observe(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        calls = [(query, key, value)]
+        if _is_key_padding(attn_mask, query, key) and not is_causal:
+            # a key-padding mask: the same softmax as leaving the masked keys out, which is what 8-bit runs
+            keep = attn_mask[:, 0, 0, :].expand(query.shape[0], -1)
+            calls = [(query[b:b + 1], key[b:b + 1, :, keep[b]], value[b:b + 1, :, keep[b]])
+                     for b in range(query.shape[0]) if bool(keep[b].any())]
+            attn_mask = None
+        s = self.site
+        for q, k, v in calls:
+            if fallback_reason(q, k, v, attn_mask, dropout_p, scale, enable_gqa, is_causal) is None:
+                self.calibrator.observe(f"{s.block}:{s.kind}", q, k, v, is_causal=is_causal, scale=scale,
+                                        group=s.group, group_index=s.group_index)
+
+
+def _is_key_padding(mask, query, key) -> bool:
+    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1:3] == (1, 1) and mask.shape[-1] == key.shape[-2] and mask.shape[0] in (1, query.shape[0]))
+
+
+def _input_device(module, args, kwargs):
+    for t in (kwargs.get("hidden_states"), *args, *kwargs.values()):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _begin_measuring(state):
+    """This forward runs every site exactly and measures each site with a block index."""
+    cal = state.calibrator
+    for s in state.sites:
+        if s.variant is not None:
+            _set_site(s, None)
+    state.applied_for = object()  # the next forward applies the decided variants
+
+    def enter(site):
+        stack = []
+
+        def pre(module, args):
+            mode = _MeasureSDPA(cal, site)
+            mode.__enter__()
+            stack.append(mode)
+
+        def post(module, args, output):
+            if stack:
+                stack.pop().__exit__(None, None, None)
+        return pre, post
+
+    hooks = []
+    for s in state.sites:
+        if s.block is None:
+            continue
+        pre, post = enter(s)
+        hooks.append(s.module.register_forward_pre_hook(pre))
+        hooks.append(s.module.register_forward_hook(post, always_call=True))
+
+    def done(module, args, kwargs, output):
+        _remove_cal_hooks(state)
+        if output is None:  # the forward raised: measure again next time
+            cal.abort()
+            return
+        cal.finish()
+        _install_decision(state)
+
+    hooks.append(state.model.register_forward_hook(done, with_kwargs=True, always_call=True))
+    state.cal_hooks = hooks
+
+
+def _remove_cal_hooks(state):
+    for h in state.cal_hooks:
+        h.remove()
+    state.cal_hooks = []
+
+
+def _install_decision(state):
+    """From now on: the user's schedule with the calibrated per-site overrides."""
+    sched = state.calibrator.schedule(state.base_schedule or Schedule())
+    if sched != state.schedule:
+        state.schedule = sched
+        state.applied_for = object()
 
 
 def _models_of(target):
@@ -236,13 +362,19 @@ def _models_of(target):
     raise TypeError(f"enable_sage takes a diffusers pipeline or model, got {type(target).__name__}")
 
 
-def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "auto") -> list[SageReport]:
+def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "auto", *, calibrate: bool = False,
+                budget: float = DEFAULT_BUDGET, calibration_dir=None, recalibrate: bool = False) -> list[SageReport]:
     """Route every attention of a diffusers model (or of each denoiser of a pipeline: Wan 2.2's `transformer`
     and `transformer_2` included; VAE and text encoders untouched) through comfy_sage.
 
     schedule: a `kernels.schedule.Schedule` (steps/blocks/kinds that run 8-bit; elsewhere exact attention), or
     None for 8-bit everywhere. pv: P·V precision where the schedule says "auto" ("auto", "fp16", "fp8").
-    Returns one `SageReport` per model. Masks are honoured (exact fallback), never dropped.
+    calibrate: keep exact attention at the sites (block x self/cross) where 8-bit errs by more than `budget`
+    (relative L1 against exact attention), FP8 or FP16 P·V elsewhere (the fastest within budget). The first
+    forward of each model measures (and runs exactly) unless a decision for its weights is saved in
+    `calibration_dir` (default `kernels.calibrate.default_dir()`); `recalibrate=True` measures anyway.
+    Returns one `SageReport` per model (`.calibrator.describe()`: the per-site decisions once made). Masks are
+    honoured (exact fallback), never dropped.
     """
     check_pv(pv)
     if schedule is not None and not isinstance(schedule, Schedule):
@@ -262,8 +394,13 @@ def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "
             if s.route == "sdpa":
                 s.module.set_processor(wrap_sdpa_processor(s.original, pv))
                 s.variant = pv
-        report = SageReport(label, [(s.name, s.route, s.kind, s.block) for s in sites], skipped, num_blocks, groups)
-        state = _State(model, sites, schedule, pv, source, report)
+        cal = None
+        if calibrate:
+            cal = Calibrator(fingerprint(model), model=type(model).__name__, budget=budget, pv=pv,
+                             directory=calibration_dir, recalibrate=recalibrate)
+        report = SageReport(label, [(s.name, s.route, s.kind, s.block) for s in sites], skipped, num_blocks, groups,
+                            cal)
+        state = _State(model, sites, schedule, pv, source, report, cal)
         # Static part now: without a schedule every site runs `pv`; with one, step 0 of an unknown count until
         # the first forward tells the step.
         if schedule is None or not (schedule.steps or schedule.exact_steps):
@@ -286,6 +423,7 @@ def disable_sage(model_or_pipeline) -> None:
         if state is None:
             continue
         state.hook.remove()
+        _remove_cal_hooks(state)
         for s in state.sites:
             if s.route == "dispatch":
                 s.module.processor._attention_backend = s.original

@@ -83,6 +83,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "e2e-cpu.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")  # the exact CPU fallback (conftest turns the interpreter on): fast
+        mp.setenv("COMFY_SAGE_CALIBRATION_DIR", str(out.parent / "calibration"))  # not the user's cache
         assert e2e.main([str(out), "--cpu-smoke"]) == 0
     return json.loads(out.read_text()), out
 

@@ -107,17 +107,3 @@ def test_sage_sdpa_keeps_sdpa_where_it_is_faster():
     assert torch.equal(sage_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert kernels.counters() == {"sdpa:short": 1}
 
-
-def test_short_fallback_runs_cudnn_first_and_restores_the_priority():
-    q, k, v = make_qkv(2, 4, 4, 256, 256, 64, device="cuda", seed=3)  # short: falls back on every arch
-    before = torch._C._get_sdp_priority_order()
-    kernels.reset_counters()
-    out = sage_sdpa(q, k, v)
-    assert list(kernels.counters()) == ["sdpa:short"]
-    assert torch._C._get_sdp_priority_order() == before
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH], set_priority=True):
-        ref = F.scaled_dot_product_attention(q, k, v)
-    assert torch.equal(out, ref)

@@ -23,8 +23,9 @@ if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy").is_dir():
     collect_ignore_glob = ["test_*.py"]  # nothing here can run without ComfyUI
 
 
-def comfy_import():
-    """Put ComfyUI on sys.path, CPU mode, and import what the tests use."""
+def comfy_import(cpu=True):
+    """Put ComfyUI on sys.path, CPU mode (cpu=False: ComfyUI's own device pick, as `main.py` without --cpu), and
+    import what the tests use."""
     if COMFYUI_PATH not in sys.path:
         sys.path.insert(0, COMFYUI_PATH)
     import comfy.options
@@ -32,7 +33,7 @@ def comfy_import():
     comfy.options.enable_args_parsing(False)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import comfy.model_management  # noqa: F401
     import comfy.model_patcher  # noqa: F401
     import comfy.sample  # noqa: F401

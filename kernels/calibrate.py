@@ -1,0 +1,436 @@
+"""Per-site calibration: measure how far each 8-bit variant lands from exact attention, keep 8-bit only where it
+stays under an error budget, and remember the decision per model.
+
+Three layers, all torch-only (no comfy, no diffusers):
+
+* `variant_errors(q, k, v, ...)` — one attention call: relative L1 error of each P·V variant of the real kernel
+  against fp32 attention, on a sample of query rows (all keys). Q is quantized per token, and K's smoothing mean
+  and scales come from all keys, so a sampled row is computed exactly as it is in the full call.
+* `Calibrator` — one model: load a saved decision, or measure every site of one forward, decide per site
+  (`choose`), save the result as JSON. A site is "<flat block>:<self|cross>", the key of `Schedule.overrides`.
+* `Calibration` — the saved result: the decision as a `Schedule` whose `overrides` say fp8 / fp16 / exact per
+  site (edit the file to change a decision), plus the measured errors, so a new budget re-decides without
+  measuring again.
+
+Files live in `$COMFY_SAGE_CALIBRATION_DIR`, else `$XDG_CACHE_HOME/comfy_sage/calibration` (default
+`~/.cache/comfy_sage/calibration`), named `<model>-<weights fingerprint>-<arch>.json` (`-<arch>-fp16.json` for a
+forced P·V): the decision depends on the weights (see `fingerprint`) and on the GPU arch (which variants exist
+and which is faster).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _arch
+from ._api import sage_attention
+from ._counters import _store as _counter_store
+from .schedule import Schedule
+
+log = logging.getLogger("comfy_sage")
+
+# Relative L1 against fp32 attention. FP8 P·V measures ~0.037 and FP16 P·V ~0.011 on randn inputs, ~0.02-0.04
+# with the key offsets of real diffusion layers (README's accuracy table); 0.05 keeps both on ordinary layers and
+# sends a layer to exact attention only when 8-bit is clearly off (planted outliers measure 0.3 and more).
+DEFAULT_BUDGET = 0.05
+DEFAULT_ROWS = 256          # query rows sampled per (batch, head)
+FORMAT = "comfy_sage.calibration/1"
+ENV_DIR = "COMFY_SAGE_CALIBRATION_DIR"
+_REF_CHUNK_ELEMS = 1 << 26  # bounds the fp32 scores (and K/V copies) of the reference: 256 MiB per chunk
+_RE_SITE = re.compile(r"^(\d+):(self|cross)$")
+
+
+# ---- one attention call --------------------------------------------------------------------------------------
+def sample_rows(n: int, rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """Up to `rows` evenly spaced row indices of 0..n-1, first and last included."""
+    if n <= rows:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, rows).round().long().unique()
+
+
+@contextlib.contextmanager
+def _uncounted():
+    """Calibration's kernel runs are not calls of the model: keep them out of `kernels.counters()` (counts other
+    threads make meanwhile are lost too; calibration runs once per model)."""
+    with _counter_store.lock:
+        saved = dict(_counter_store.calls)
+    try:
+        yield
+    finally:
+        with _counter_store.lock:
+            _counter_store.calls.clear()
+            _counter_store.calls.update(saved)
+
+
+def _reference(q, k, v, idx, scale, is_causal):
+    """fp32 attention of the query rows `q` ([B, H, R, D], rows `idx` of the full query) over all keys;
+    [B, H, R, D] fp32. Chunked over (batch, head) so the fp32 scores and K/V copies stay bounded."""
+    B, H, R, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    flat = torch.arange(B * H, device=q.device)
+    b_of, h_of = flat // H, flat % H
+    kvh_of = h_of // (H // Hkv)
+    mask = None
+    if is_causal:
+        mask = torch.arange(Nk, device=q.device)[None, :] > idx.to(q.device)[:, None]  # query i sees keys <= i
+    chunk = max(1, _REF_CHUNK_ELEMS // (R * Nk + 2 * Nk * D))
+    outs = []
+    for s0 in range(0, B * H, chunk):
+        b, h, kvh = b_of[s0:s0 + chunk], h_of[s0:s0 + chunk], kvh_of[s0:s0 + chunk]
+        s = torch.matmul(q[b, h].float(), k[b, kvh].float().transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(mask, float("-inf"))
+        outs.append(torch.matmul(torch.softmax(s, dim=-1), v[b, kvh].float()))
+    return torch.cat(outs).reshape(B, H, R, D)
+
+
+def _rel_l1(out, ref) -> float:
+    if not bool(torch.isfinite(out).all()):
+        return math.inf
+    den = float(ref.abs().sum(dtype=torch.float64))
+    num = float((out.float() - ref).abs().sum(dtype=torch.float64))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp16"), rows=DEFAULT_ROWS,
+                   layout="HND") -> dict[str, float]:
+    """Relative L1 error (sum |out - exact| / sum |exact|) of `sage_attention(..., pv=variant)` against fp32
+    attention, for each variant, on up to `rows` evenly spaced query rows per head (all keys).
+
+    q, k, v as `sage_attention` takes them (HND [B, H, N, D] or NHD), fp16/bf16. A variant whose output has a
+    NaN or Inf measures `inf` (so does every variant when the exact output itself is not finite). Causal calls
+    run the kernel on every row (a row's mask depends on its position) and compare the sampled rows only.
+    The kernel calls are not counted in `kernels.counters()`.
+    """
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    elif layout != "HND":
+        raise ValueError(f"unknown layout {layout!r}: use 'HND' or 'NHD'")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, N, D], got shape {tuple(q.shape)}")
+    Nq, D = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    idx = sample_rows(Nq, rows).to(q.device)
+    qs = q.index_select(2, idx)
+    with torch.no_grad():
+        ref = _reference(qs, k, v, idx, scale, is_causal)
+        ref_ok = bool(torch.isfinite(ref).all())
+        errors = {}
+        with _uncounted():
+            for pv in variants:
+                if is_causal:
+                    out = sage_attention(q, k, v, is_causal=True, scale=scale, pv=pv).index_select(2, idx)
+                else:
+                    out = sage_attention(qs, k, v, scale=scale, pv=pv)
+                errors[pv] = _rel_l1(out, ref) if ref_ok else math.inf
+    return errors
+
+
+def candidates(device, head_dim: int, pv: str = "auto") -> tuple[str, ...]:
+    """The 8-bit variants worth measuring on `device` at `head_dim`, fastest first: what `pv="auto"` runs there
+    (the arch table's choice per head dim), then the other one where the GPU has it (sm80/86: FP16 only).
+    A forced `pv` ("fp16"/"fp8") is the only candidate. () where the 8-bit kernel does not run."""
+    entry = _arch.arch_of(torch.device(device))
+    if entry is None:
+        return ()
+    if pv in ("fp16", "fp8"):
+        return (pv,) if pv == "fp16" or entry.fp8 else ()
+    first = entry.pv_for(head_dim)
+    rest = [p for p in ("fp8", "fp16") if p != first and (p == "fp16" or entry.fp8)]
+    return (first, *rest)
+
+
+def choose(errors: dict[str, float], budget: float = DEFAULT_BUDGET) -> str:
+    """The first variant (errors are in preference order) whose error is within `budget`, else "exact"."""
+    for pv, err in errors.items():
+        if err <= budget:
+            return pv
+    return "exact"
+
+
+# ---- one model -----------------------------------------------------------------------------------------------
+def fingerprint(model, *, extra=None, samples: int = 64) -> str:
+    """A cheap, deterministic hash of a model's weights (hex, 20 chars). `model`: a torch module, or an iterable
+    of (name, tensor).
+
+    Hashes every parameter's and buffer's name, shape and dtype, plus `samples` evenly strided values of each
+    tensor (read as fp32), and `repr(extra)` (e.g. LoRA patches not yet merged into the weights). This is not a
+    full checksum: it reads a few values per tensor so that a 14B model hashes in well under a second, yet any
+    other checkpoint, fine-tune, dtype or merged LoRA changes it. Tensors whose values cannot be read (meta,
+    quantized subclasses) count by name, shape and dtype only.
+    """
+    h = hashlib.sha256()
+    if isinstance(model, torch.nn.Module):
+        model = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in model:
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        try:
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            if n:
+                step = max(1, n // samples)
+                h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+        except Exception:  # noqa: BLE001 - unreadable values: name/shape/dtype still count
+            h.update(b"?")
+    if extra is not None:
+        h.update(repr(extra).encode())
+    return h.hexdigest()[:20]
+
+
+def default_dir() -> Path:
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "comfy_sage" / "calibration"
+
+
+def cache_path(fingerprint: str, arch: str, model: str = "", directory=None) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.]+", "_", model)[:60].strip("_")
+    stem = f"{name}-{fingerprint}-{arch}" if name else f"{fingerprint}-{arch}"
+    return Path(directory).expanduser() / f"{stem}.json" if directory else default_dir() / f"{stem}.json"
+
+
+def _site_key(site: str) -> tuple[int, str]:
+    m = _RE_SITE.match(site)
+    if not m:
+        raise ValueError(f"bad site {site!r}: use '<block>:self' or '<block>:cross'")
+    return int(m.group(1)), m.group(2)
+
+
+def _num(x) -> float | str:
+    return x if math.isfinite(x) else "inf"  # JSON has no Infinity
+
+
+@dataclass
+class Calibration:
+    """A model's per-site decision (`schedule.overrides`) and what it was based on.
+
+    sites: {"<block>:<kind>": {"errors": {variant: rel L1, fastest first}, "group": ..., "group_index": ...}}.
+    """
+    schedule: Schedule
+    sites: dict = field(default_factory=dict)
+    budget: float = DEFAULT_BUDGET
+    fingerprint: str = ""
+    arch: str = ""
+    model: str = ""
+    rows: int = DEFAULT_ROWS
+    seconds: float = 0.0
+
+    @classmethod
+    def decide(cls, sites: dict, budget: float = DEFAULT_BUDGET, **meta) -> "Calibration":
+        overrides = {s: choose(info["errors"], budget) for s, info in sites.items()}
+        return cls(Schedule(overrides=overrides), sites, float(budget), **meta)
+
+    def redecide(self, budget: float) -> "Calibration":
+        return Calibration.decide(self.sites, budget, fingerprint=self.fingerprint, arch=self.arch,
+                                  model=self.model, rows=self.rows, seconds=self.seconds)
+
+    def merged(self, base: Schedule | None) -> Schedule:
+        """`base` with this decision as its overrides. "exact" always applies; an 8-bit choice only where `base`
+        runs 8-bit on that block and kind (calibration never turns 8-bit on where the user keeps it exact);
+        sites `base` already overrides keep the user's value; `base`'s step rules still apply to every site."""
+        base = base or Schedule()
+        add = {}
+        for site, val in self.schedule.overrides.items():
+            if site in base.overrides:
+                continue
+            block, kind = _site_key(site)
+            info = self.sites.get(site, {})
+            allowed = base.attention in ("all", kind) and base.block_uses_8bit(
+                block, info.get("group"), info.get("group_index"))
+            if val == "exact" or allowed:
+                add[site] = val
+        return base.with_overrides(add)
+
+    def lines(self) -> list[str]:
+        """One line per site: decision and measured errors."""
+        out = []
+        for site in sorted(self.schedule.overrides, key=_site_key):
+            errs = self.sites.get(site, {}).get("errors", {})
+            e = ", ".join(f"{pv} {err:.4f}" if math.isfinite(err) else f"{pv} non-finite" for pv, err in errs.items())
+            out.append(f"{site:>10} -> {self.schedule.overrides[site]:5}  ({e})" if e else
+                       f"{site:>10} -> {self.schedule.overrides[site]}")
+        return out
+
+    def summary(self) -> str:
+        ov = self.schedule.overrides
+        n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "exact")}
+        return (f"{len(ov)} sites, budget {self.budget:g} rel L1: fp8 {n['fp8']}, fp16 {n['fp16']}, "
+                f"exact {n['exact']}" + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})"
+                                         if n["exact"] else ""))
+
+    # ---- JSON ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        sites = {s: {**{k: v for k, v in info.items() if k != "errors"},
+                     "errors": {pv: _num(e) for pv, e in info["errors"].items()}}
+                 for s, info in self.sites.items()}
+        return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint, "arch": self.arch,
+                "budget": self.budget, "rows": self.rows, "seconds": round(self.seconds, 4),
+                "schedule": self.schedule.to_dict(), "sites": sites}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"not a comfy_sage calibration file (expected format {FORMAT!r})")
+        sites = {}
+        for s, info in (d.get("sites") or {}).items():
+            _site_key(s)
+            sites[s] = {**info, "errors": {pv: float(e) for pv, e in (info.get("errors") or {}).items()}}
+        return cls(Schedule.from_dict(d["schedule"]), sites, float(d.get("budget", DEFAULT_BUDGET)),
+                   str(d.get("fingerprint", "")), str(d.get("arch", "")), str(d.get("model", "")),
+                   int(d.get("rows", DEFAULT_ROWS)), float(d.get("seconds", 0.0)))
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a file
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: calibration JSON does not parse: {e}") from e
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+class Calibrator:
+    """Calibration of one model during a real run.
+
+    `start(device)` before a forward: loads the saved decision for these weights and this GPU arch (True means
+    nothing was saved, or `recalibrate`: measure this forward); `observe(site, q, k, v, ...)` for each attention
+    call of that forward (the caller runs exact attention for the output); `finish()` after it decides, saves and
+    returns the `Calibration`. `schedule(base)` is what to run from then on.
+    """
+
+    def __init__(self, fingerprint: str, *, model: str = "", budget: float = DEFAULT_BUDGET, pv: str = "auto",
+                 directory=None, recalibrate: bool = False, rows: int = DEFAULT_ROWS):
+        if not (isinstance(budget, (int, float)) and budget >= 0 and math.isfinite(budget)):
+            raise ValueError(f"calibration budget must be a finite number >= 0 (relative L1), got {budget!r}")
+        self.fingerprint, self.model, self.budget, self.pv = fingerprint, model, float(budget), pv
+        self.directory, self.recalibrate, self.rows = directory, recalibrate, rows
+        self.status = "pending"        # pending | measuring | loaded | measured | skipped
+        self.result: Calibration | None = None
+        self.path: Path | None = None
+        self.note = ""
+        self._sites: dict = {}
+        self._arch = None
+        self._seconds = 0.0
+        self._lock = threading.Lock()
+        self._warned = False
+
+    @property
+    def pending(self) -> bool:
+        return self.status == "pending"
+
+    def start(self, device) -> bool:
+        """Load or prepare to measure; True when the coming forward must measure."""
+        entry = _arch.arch_of(torch.device(device))
+        if entry is None:
+            self.status, self.note = "skipped", f"the 8-bit kernel does not run on {device}: nothing to calibrate"
+            log.info("comfy_sage calibration: %s", self.note)
+            return False
+        self._arch = entry.name
+        self.path = cache_path(self.fingerprint, entry.name if self.pv == "auto" else f"{entry.name}-{self.pv}",
+                               self.model, self.directory)
+        if self.path.exists() and not self.recalibrate:
+            try:
+                cal = Calibration.load(self.path)
+            except ValueError as e:
+                log.warning("comfy_sage calibration: %s; measuring again", e)
+            else:
+                self.result, self.status, self.note = cal, "loaded", f"loaded {self.path}"
+                if cal.budget != self.budget:  # the errors are saved: a new budget needs no new measurement
+                    self.result = cal.redecide(self.budget)
+                    self.note = f"re-decided {self.path} for budget {self.budget:g}"
+                    self._save()
+                log.info("comfy_sage calibration: %s", self.note)
+                return False
+        self.status, self._sites, self._seconds = "measuring", {}, 0.0
+        return True
+
+    def _save(self):
+        try:
+            self.result.save(self.path)
+        except OSError as e:
+            self.note = f"could not save {self.path}: {e}"
+            log.warning("comfy_sage calibration: %s", self.note)
+
+    def observe(self, site: str, q, k, v, *, is_causal=False, scale=None, layout="HND", group=None,
+                group_index=None) -> None:
+        """Measure one attention call of `site`; repeated calls of a site keep the worst error per variant."""
+        if self.status != "measuring":
+            return
+        _site_key(site)
+        head_dim = q.shape[-1]
+        variants = candidates(q.device, head_dim, self.pv)
+        if not variants:
+            return
+        t0 = time.perf_counter()
+        try:
+            errs = variant_errors(q, k, v, is_causal=is_causal, scale=scale, variants=variants, rows=self.rows,
+                                  layout=layout)
+        except Exception as e:  # noqa: BLE001 - a variant that cannot run is a variant not to choose
+            if not self._warned:
+                log.warning("comfy_sage calibration: measuring %s failed (%s); keeping it exact", site, e)
+                self._warned = True
+            errs = {pv: math.inf for pv in variants}
+        with self._lock:
+            self._seconds += time.perf_counter() - t0
+            info = self._sites.setdefault(site, {"errors": {}, "group": group, "group_index": group_index,
+                                                 "head_dim": int(head_dim)})
+            for pv, e in errs.items():
+                info["errors"][pv] = max(e, info["errors"].get(pv, 0.0))
+
+    def finish(self) -> Calibration | None:
+        """Decide and save after the measuring forward; the result (None when no site could be measured)."""
+        if self.status != "measuring":
+            return self.result
+        if not self._sites:
+            self.status, self.note = "skipped", "no attention call could run the 8-bit kernel: nothing to save"
+            log.info("comfy_sage calibration: %s", self.note)
+            return None
+        self.result = Calibration.decide(self._sites, self.budget, fingerprint=self.fingerprint, arch=self._arch,
+                                         model=self.model, rows=self.rows, seconds=self._seconds)
+        self.status, self.note = "measured", f"saved {self.path}"
+        self._save()
+        log.info("comfy_sage calibration: %s in %.2fs; %s", self.result.summary(), self._seconds, self.note)
+        return self.result
+
+    def abort(self) -> None:
+        """The measuring forward did not complete: forget it; the next forward starts again."""
+        if self.status == "measuring":
+            self.status, self._sites = "pending", {}
+
+    def schedule(self, base: Schedule | None) -> Schedule | None:
+        """`base` with the decision applied (see `Calibration.merged`), or `base` while there is none."""
+        return base if self.result is None else self.result.merged(base)
+
+    def describe(self) -> list[str]:
+        """Lines for reports: what happened, then one line per site."""
+        if self.result is None:
+            return [f"calibration: {self.status}" + (f" ({self.note})" if self.note else "")]
+        how = {"loaded": "loaded", "measured": f"measured in {self.result.seconds:.2f}s"}.get(self.status,
+                                                                                            self.status)
+        return [f"calibration ({how}): {self.result.summary()}" + (f"; {self.note}" if self.note else ""),
+                *("  " + line for line in self.result.lines())]
