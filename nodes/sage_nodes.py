@@ -215,7 +215,17 @@ def _compare(a, b, model_a, model_b, channels_last):
     return {"ui": {"text": [text]}, "result": (heat, text)}
 
 
-class SageAttentionCompareImages:
+class _CompareNode:
+    """Two outputs of the same seed (default attention vs SageAttention) -> heat-map IMAGE and metrics STRING."""
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("heatmap", "metrics")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    OPTIONAL = {"model_a": ("MODEL",), "model_b": ("MODEL",)}
+
+
+class SageAttentionCompareImages(_CompareNode):
     DESCRIPTION = ("Compare two images (default attention vs SageAttention, same seed): a difference heat-map and "
                    "PSNR, SSIM-like score, max abs error and the timing ratio of the two models' runs.")
 
@@ -224,34 +234,19 @@ class SageAttentionCompareImages:
         return {
             "required": {"image_a": ("IMAGE", {"tooltip": "Reference (default attention)."}),
                          "image_b": ("IMAGE", {"tooltip": "Test (SageAttention)."})},
-            "optional": {"model_a": ("MODEL",), "model_b": ("MODEL",)},
+            "optional": dict(cls.OPTIONAL),
         }
-
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("heatmap", "metrics")
-    FUNCTION = "compare"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
 
     def compare(self, image_a, image_b, model_a=None, model_b=None):
         return _compare(image_a, image_b, model_a, model_b, channels_last=True)
 
 
-class SageAttentionCompareLatents:
+class SageAttentionCompareLatents(_CompareNode):
     DESCRIPTION = "Like Compare Images, on latents (video latents are compared frame by frame)."
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {"latent_a": ("LATENT",), "latent_b": ("LATENT",)},
-            "optional": {"model_a": ("MODEL",), "model_b": ("MODEL",)},
-        }
-
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("heatmap", "metrics")
-    FUNCTION = "compare"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
+        return {"required": {"latent_a": ("LATENT",), "latent_b": ("LATENT",)}, "optional": dict(cls.OPTIONAL)}
 
     def compare(self, latent_a, latent_b, model_a=None, model_b=None):
         a, b = latent_a["samples"], latent_b["samples"]
