@@ -8,7 +8,9 @@ from . import _arch
 from ._counters import count
 
 LAYOUTS = ("HND", "NHD")
-PV_CHOICES = ("auto", "fp16", "fp8")
+PV_CHOICES = ("auto", "fp16", "fp8", "fine")
+# "fine": FP16 P·V with one K scale per token instead of per key block, the most accurate 8-bit variant (a
+# multiply more per score): what calibration tries before exact attention.
 MAX_HEAD_DIM = 256
 
 
@@ -83,7 +85,8 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
         patch_interpreter()
 
     DP = _arch.head_dim_bucket(D)
-    tile = tile or entry.tiles[(DP, pv)]
+    k_token = pv == "fine"
+    tile = tile or entry.tiles[(DP, "fp16" if k_token else pv)]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qh, kh, vh = (_to_hnd(t, layout) for t in (q, k, v))
     fp8_v = pv == "fp8"
@@ -94,15 +97,15 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
-                             fp8_v=fp8_v)
+                             fp8_v=fp8_v, k_token=k_token)
         _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, num_warps=tile.num_warps,
-                             num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
+                             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token,
+                             num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
         if return_lse:
             # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
             km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)
             lse += scale * torch.einsum("bhnd,bhd->bhn", qh.float(), km)
-    count(f"int8-{pv}pv")
+    count("int8-fine" if k_token else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 
 
@@ -170,7 +173,8 @@ def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return
     q: [B, Hq, Nq, D] (layout="HND") or [B, Nq, Hq, D] ("NHD"); k, v: [B, Hkv, Nk, D] with Hq % Hkv == 0.
     fp16/bf16 in → same dtype out; fp32 in → computed in 8/16-bit, returned as fp32. Causal masking follows
     SDPA (query i sees keys j <= i). With return_lse, also returns the natural-log LSE [B, Hq, Nq] in fp32.
-    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), or "auto" (per-arch table).
+    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), "auto" (per-arch table), or "fine" (FP16 P·V
+    and per-token K scales: the most accurate 8-bit variant, which calibration picks before exact attention).
     """
     check_args(q, k, v, layout, pv, scale)
     out, lse = _op(q, k, v, layout, bool(is_causal), float(scale) if scale is not None else 0.0, pv,

@@ -30,7 +30,7 @@ def _load(ptrs, mask, MASKED: tl.constexpr, other=0):
 def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad, svb, svh, svn,
             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr,
-            USE_TMA: tl.constexpr):
+            USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr):
     cols0 = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
@@ -40,14 +40,20 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
         else:
             k = _load(K8 + (bhk.to(tl.int64) * Nk_pad + cols[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
         s = (tl.dot(q8, tl.trans(k), out_dtype=tl.int32) + MAGIC_BITS).to(tl.float32, bitcast=True)  # MAGIC + Q·K
-        c = qs * tl.load(ks_ptr + n0 // BLOCK_N)  # per-row scale: q scale (with sm_scale*log2e) times k block scale
         if MASKED:
             keep = cols[None, :] < Nk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * c)
-        p = tl.math.exp2(s * c[:, None] - (m_new + MAGIC * c - P_SHIFT)[:, None])
+        if K_TOKEN:  # a scale per key: the offset comes out first, then one multiply more per score
+            s = (s - MAGIC) * tl.load(ks_ptr + cols)[None, :]
+            c = qs
+            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+            p = tl.math.exp2(s * c[:, None] - (m_new - P_SHIFT)[:, None])
+        else:
+            c = qs * tl.load(ks_ptr + n0 // BLOCK_N)  # per-row scale: q scale (with sm_scale*log2e) times k's
+            m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * c)
+            p = tl.math.exp2(s * c[:, None] - (m_new + MAGIC * c - P_SHIFT)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         if PV_FP8:
             if USE_TMA:
@@ -80,7 +86,7 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
                  D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_LSE: tl.constexpr, P_SHIFT: tl.constexpr,
-                 USE_TMA: tl.constexpr):
+                 USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr):
     tl.static_assert(DP <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -97,7 +103,7 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
         q8 = _load(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
     qs = tl.load(QS + bh.to(tl.int64) * Nq_pad + rows)
     nkb = Nk_pad // BLOCK_N
-    ks_ptr = KS + bhk.to(tl.int64) * nkb
+    ks_ptr = KS + bhk.to(tl.int64) * (Nk_pad if K_TOKEN else nkb)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if PV_FP8:
@@ -117,9 +123,11 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
         hi = Nk
         lo_mask = full_end
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, 0, lo_mask, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT, USE_TMA)
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT, USE_TMA,
+                            K_TOKEN)
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo_mask, hi, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT, USE_TMA)
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT, USE_TMA,
+                            K_TOKEN)
 
     if PV_FP8:
         l_i = tl.max(l_i, 1)
@@ -155,7 +163,7 @@ def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
 
 
 def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages, tma=False,
-              maxnreg=None):
+              maxnreg=None, k_token=False):
     """Launch over the tensors from _quant.quantize. `v` is the user's [B, Hkv, Nk, D] view on the 16-bit path;
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
@@ -170,6 +178,6 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
         Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None, P_SHIFT=P_SHIFT_FP8 if fp8_v else 0.0,
-        USE_TMA=not isinstance(srcs[0], type(qz.q8)),
+        USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )

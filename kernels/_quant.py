@@ -3,7 +3,7 @@
 - q: one scale per token (finest granularity, free in the attention kernel: it scales a row), with
   `softmax scale · log2(e)` folded in so the attention kernel's softmax is a single exp2.
 - k: smoothed by subtracting a mean over tokens, then one scale per BLOCK_N tokens (the attention kernel's key
-  block). Any vector shared by all tokens keeps the scores exact up to a per-row shift, which softmax ignores;
+  block), or one per token (K_TOKEN, the "fine" variant: a token with outlier keys then costs only itself). Any vector shared by all tokens keeps the scores exact up to a per-row shift, which softmax ignores;
   we use the mean of SAMPLE evenly spaced tokens so every program computes the same vector from a few L2-resident
   rows and k is still read once.
 - v (FP8 path only): one scale per channel over all tokens, stored transposed ([D, N]) because FP8 tensor cores
@@ -56,8 +56,10 @@ def _quant_q(Q, Q8, QS, bh, b, h, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult,
 
 @triton.jit
 def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
-             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr):
-    # k: smoothing vector from SAMPLE_N evenly spaced tokens (identical in every program), one scale per block.
+             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr,
+             K_TOKEN: tl.constexpr):
+    # k: smoothing vector from SAMPLE_N evenly spaced tokens (identical in every program), one scale per block
+    # (or per token).
     d = tl.arange(0, DP)
     rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
@@ -66,12 +68,18 @@ def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
     mean = tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP), axis=0) / SAMPLE_N
     x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
     x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    s = tl.where(amax > 0, amax / 127.0, 1.0)
-    x8 = _round_int8(x * (1.0 / s))
     base = (bh.to(tl.int64) * Nk_pad + rows) * DS
+    if K_TOKEN:
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.where(amax > 0, amax / 127.0, 1.0)
+        x8 = _round_int8(x * (1.0 / s)[:, None])
+        tl.store(KS + bh.to(tl.int64) * Nk_pad + rows, s)
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        s = tl.where(amax > 0, amax / 127.0, 1.0)
+        x8 = _round_int8(x * (1.0 / s))
+        tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
     tl.store(K8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
-    tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
     if pid == 0:
         tl.store(KM + bh.to(tl.int64) * DP + d, mean)
 
@@ -95,7 +103,8 @@ def _quant_kernel(Q, K, V, Q8, QS, K8, KS, KM, V8, VS,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr):
+                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr,
+                  K_TOKEN: tl.constexpr):
     # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -106,7 +115,7 @@ def _quant_kernel(Q, K, V, Q8, QS, K8, KS, KM, V8, VS,
     elif (pid * BLOCK_K < Nk_pad) & (bh < BHkv):
         if role == 1:
             _quant_k(K, K8, KS, KM, bh, bh // Hkv, bh % Hkv, pid, skb, skh, skn, Nk, Nk_pad, D, DP, DS, BLOCK_K,
-                     SAMPLE_N)
+                     SAMPLE_N, K_TOKEN)
         elif QUANT_V:
             _quant_v(V, V8, VS, bh, bh // Hkv, bh % Hkv, pid, svb, svh, svn, Nk, Nk_pad, D, DP, BLOCK_K)
 
@@ -116,7 +125,7 @@ class Quantized:
     q8: torch.Tensor      # [B, Hq, Nq_pad, DS] int8
     qs: torch.Tensor      # [B, Hq, Nq_pad] fp32, includes softmax scale * log2(e)
     k8: torch.Tensor      # [B, Hkv, Nk_pad, DS] int8, smoothed
-    ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n] fp32
+    ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n] fp32, or [B, Hkv, Nk_pad] with k_token
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
@@ -126,7 +135,8 @@ def _ceil(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool) -> Quantized:
+def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
+             k_token: bool = False) -> Quantized:
     """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP)."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     DS = _ceil(D, 8)  # 8-byte rows; 16-byte ones (D % 16 == 0) also allow the bulk-copy (TMA) path
@@ -135,7 +145,7 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)
     qs = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev)
     k8 = torch.empty((B, Hkv, Nk_pad, DS), dtype=torch.int8, device=dev)
-    ks = torch.empty((B, Hkv, Nk_pad // block_n), dtype=torch.float32, device=dev)
+    ks = torch.empty((B, Hkv, Nk_pad if k_token else Nk_pad // block_n), dtype=torch.float32, device=dev)
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
     if fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
@@ -151,7 +161,7 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
-        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v,
+        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
         num_warps=4,
     )
     return Quantized(q8, qs, k8, ks, kmean, v8, vs)

@@ -15,7 +15,7 @@ def _round_int8(x):
     return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5)).to(torch.int8)
 
 
-def quantize(q, k, v, *, scale, block_n, fp8_v):
+def quantize(q, k, v, *, scale, block_n, fp8_v, k_token=False):
     """q, k, v: [B, H, N, D]. Returns q8, qs [B,H,N], k8, ks [B,H,nb], kmean [B,H,D], v8 (or None), vs."""
     q32, k32, v32 = q.float(), k.float(), v.float()
     amax = q32.abs().amax(-1)
@@ -29,10 +29,15 @@ def quantize(q, k, v, *, scale, block_n, fp8_v):
     nb = -(-Nk // block_n)
     pad = nb * block_n - Nk
     kc = torch.nn.functional.pad(k32 - kmean[:, :, None], (0, 0, 0, pad))
-    kb = kc.unflatten(2, (nb, block_n))
-    amax = kb.abs().amax((-1, -2))
-    ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    k8 = _round_int8(kb * (1.0 / ks)[..., None, None]).flatten(2, 3)[:, :, :Nk]
+    if k_token:  # one scale per token ([B, H, Nk])
+        amax = kc[:, :, :Nk].abs().amax(-1)
+        ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        k8 = _round_int8(kc[:, :, :Nk] * (1.0 / ks)[..., None])
+    else:
+        kb = kc.unflatten(2, (nb, block_n))
+        amax = kb.abs().amax((-1, -2))
+        ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        k8 = _round_int8(kb * (1.0 / ks)[..., None, None]).flatten(2, 3)[:, :, :Nk]
 
     v8 = vs = None
     if fp8_v:
@@ -47,8 +52,8 @@ def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    fp8_v = pv == "fp8"
-    q8, qs, k8, ks, kmean, v8, vs = quantize(q, k, v, scale=scale, block_n=block_n, fp8_v=fp8_v)
+    fp8_v, k_token = pv == "fp8", pv == "fine"
+    q8, qs, k8, ks, kmean, v8, vs = quantize(q, k, v, scale=scale, block_n=block_n, fp8_v=fp8_v, k_token=k_token)
     g = Hq // Hkv
     k8, ks, kmean = (t.repeat_interleave(g, 1) for t in (k8, ks, kmean))
     if fp8_v:
@@ -66,7 +71,10 @@ def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
         s = q8.float() @ k8[:, :, n0:n1].float().transpose(-1, -2)  # exact: |sum| < 127²·256 < 2^24
         if is_causal:
             s = s.masked_fill(torch.arange(n0, n1)[None, :] > rows, float("-inf"))
-        c = qs * ks[:, :, j, None]
+        if k_token:
+            s, c = s * ks[:, :, None, n0:n1], qs
+        else:
+            c = qs * ks[:, :, j, None]
         m_new = torch.maximum(m, s.amax(-1) * c)
         p = torch.exp2(s * c[..., None] - (m_new - shift)[..., None])
         alpha = torch.exp2(m - m_new)

@@ -8,7 +8,7 @@ Three layers, all torch-only (no comfy, no diffusers):
   and scales come from all keys, so a sampled row is computed exactly as it is in the full call.
 * `Calibrator` — one model: load a saved decision, or measure every site of one forward, decide per site
   (`choose`), save the result as JSON. A site is "<flat block>:<self|cross>", the key of `Schedule.overrides`.
-* `Calibration` — the saved result: the decision as a `Schedule` whose `overrides` say fp8 / fp16 / exact per
+* `Calibration` — the saved result: the decision as a `Schedule` whose `overrides` say fp8 / fp16 / fine / exact per
   site (edit the file to change a decision), plus the measured errors, so a new budget re-decides without
   measuring again.
 
@@ -105,7 +105,7 @@ def _rel_l1(out, ref) -> float:
     return num / den
 
 
-def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp16"), rows=DEFAULT_ROWS,
+def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp16", "fine"), rows=DEFAULT_ROWS,
                    layout="HND") -> dict[str, float]:
     """Relative L1 error (sum |out - exact| / sum |exact|) of `sage_attention(..., pv=variant)` against fp32
     attention, for each variant, on up to `rows` evenly spaced query rows per head (all keys).
@@ -141,16 +141,17 @@ def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp
 
 def candidates(device, head_dim: int, pv: str = "auto") -> tuple[str, ...]:
     """The 8-bit variants worth measuring on `device` at `head_dim`, fastest first: what `pv="auto"` runs there
-    (the arch table's choice per head dim), then the other one where the GPU has it (sm80/86: FP16 only).
-    A forced `pv` ("fp16"/"fp8") is the only candidate. () where the 8-bit kernel does not run."""
+    (the arch table's choice per head dim), then the other P·V precision where the GPU has it (sm80/86: FP16
+    only), then "fine" (FP16 P·V and per-token K scales: the most accurate, last before exact attention).
+    A forced `pv` ("fp16"/"fp8") is measured before "fine". () where the 8-bit kernel does not run."""
     entry = _arch.arch_of(torch.device(device))
     if entry is None:
         return ()
-    if pv in ("fp16", "fp8"):
-        return (pv,) if pv == "fp16" or entry.fp8 else ()
+    if pv in ("fp16", "fp8", "fine"):
+        return tuple(dict.fromkeys((pv, "fine"))) if pv != "fp8" or entry.fp8 else ("fine",)
     first = entry.pv_for(head_dim)
     rest = [p for p in ("fp8", "fp16") if p != first and (p == "fp16" or entry.fp8)]
-    return (first, *rest)
+    return (first, *rest, "fine")
 
 
 def choose(errors: dict[str, float], budget: float = DEFAULT_BUDGET) -> str:
@@ -268,9 +269,9 @@ class Calibration:
 
     def summary(self) -> str:
         ov = self.schedule.overrides
-        n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "exact")}
+        n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "fine", "exact")}
         return (f"{len(ov)} sites, budget {self.budget:g} rel L1: fp8 {n['fp8']}, fp16 {n['fp16']}, "
-                f"exact {n['exact']}" + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})"
+                f"fine {n['fine']}, exact {n['exact']}" + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})"
                                          if n["exact"] else ""))
 
     # ---- JSON ------------------------------------------------------------------------------------------------

@@ -26,14 +26,14 @@ blocks, exact_blocks::
                                                 single-stream DiTs (Wan, LTXV, Qwen-Image) have "double" only
 
 attention: "all" | "self" | "cross" (joint attention of DiTs counts as "self"; "none" appears only from
-composing "self" with "cross").   pv: "auto" | "fp16" | "fp8".
+composing "self" with "cross").   pv: "auto" | "fp16" | "fp8" | "fine" (FP16 P·V and per-token K scales).
 
-overrides (what calibration writes): {"<flat block>:<self|cross>": "fp8" | "fp16" | "exact"}. A site with an
+overrides (what calibration writes): {"<flat block>:<self|cross>": "fp8" | "fp16" | "fine" | "exact"}. A site with an
 override ignores the block and attention rules; the step rules still apply to it ("exact" always wins).
 
 A step (or block) runs 8-bit when it matches `steps` (or `blocks`), or those are empty, and matches no item of
 `exact_steps` (or `exact_blocks`). Composition (`a & b`, `a.compose(b)`) runs 8-bit only where both would: rules
-are kept as clauses that must all hold; of two P·V choices the more precise (fp16) wins.
+are kept as clauses that must all hold; of two P·V choices the more precise wins (fp8 < fp16 < fine < exact).
 
 Errors: every malformed token raises `ScheduleError` (a ValueError) whose message quotes the bad token:
 "3-", "a-b", "5-2", "1.5-2" (fraction outside [0, 1]), "7" when only 5 steps are sampled (`check`).
@@ -45,8 +45,9 @@ import re
 from dataclasses import dataclass, field, replace
 
 ATTENTION_KINDS = ("all", "self", "cross", "none")
-PV_CHOICES = ("auto", "fp16", "fp8")
-OVERRIDE_VALUES = ("fp8", "fp16", "exact")
+PV_CHOICES = ("auto", "fp16", "fp8", "fine")
+OVERRIDE_VALUES = ("fp8", "fp16", "fine", "exact")
+_PRECISION = {"fp8": 0, "fp16": 1, "fine": 2, "exact": 3}  # composing two choices keeps the more precise
 BLOCK_GROUPS = ("input", "middle", "output", "double", "single")
 SCHEMA = "comfy_sage.schedule/1"
 
@@ -200,7 +201,7 @@ def _more_precise(a: str, b: str) -> str:
         return b
     if b == "auto":
         return a
-    return "fp16" if "fp16" in (a, b) else a
+    return max(a, b, key=_PRECISION.__getitem__)
 
 
 _KIND_AND = {("all", k): k for k in ATTENTION_KINDS}
@@ -239,7 +240,8 @@ class Schedule:
             raise ScheduleError(f"attention: bad token {self.attention!r}: use all, self or cross",
                                 token=str(self.attention), field="attention")
         if self.pv not in PV_CHOICES:
-            raise ScheduleError(f"pv: bad token {self.pv!r}: use auto, fp16 or fp8", token=str(self.pv), field="pv")
+            raise ScheduleError(f"pv: bad token {self.pv!r}: use auto, fp16, fp8 or fine", token=str(self.pv),
+                                field="pv")
         if not isinstance(self.overrides, dict):
             raise ScheduleError(f"overrides: expected a dict, got {type(self.overrides).__name__}",
                                 token=repr(self.overrides), field="overrides")
@@ -248,7 +250,7 @@ class Schedule:
                 raise ScheduleError(f"overrides: bad site {site!r}: use '<block>:self' or '<block>:cross'",
                                     token=str(site), field="overrides")
             if val not in OVERRIDE_VALUES:
-                raise ScheduleError(f"overrides: bad value {val!r} for site {site!r}: use fp8, fp16 or exact",
+                raise ScheduleError(f"overrides: bad value {val!r} for site {site!r}: use fp8, fp16, fine or exact",
                                     token=str(val), field="overrides")
         object.__setattr__(self, "overrides", {k.strip(): v for k, v in sorted(self.overrides.items())})
         parsed = (tuple(_parse_steps(c, "steps") for c in self.steps),
@@ -270,7 +272,8 @@ class Schedule:
                    exact_steps=exact_steps or "", exact_blocks=exact_blocks or "", overrides=dict(overrides or {}))
 
     def compose(self, other: "Schedule | None") -> "Schedule":
-        """8-bit only where both schedules say 8-bit (steps × blocks × kinds); fp16 beats fp8 beats auto."""
+        """8-bit only where both schedules say 8-bit (steps × blocks × kinds); the more precise P·V choice wins
+        (exact > fine > fp16 > fp8 > auto)."""
         if other is None:
             return self
         if not isinstance(other, Schedule):
@@ -278,7 +281,7 @@ class Schedule:
         ov = dict(self.overrides)
         for site, val in other.overrides.items():
             cur = ov.get(site)
-            if cur is None or val == "exact" or (val == "fp16" and cur == "fp8"):
+            if cur is None or _PRECISION[val] > _PRECISION[cur]:
                 ov[site] = val
         return Schedule(steps=self.steps + other.steps, blocks=self.blocks + other.blocks,
                         attention=_KIND_AND[(self.attention, other.attention)], pv=_more_precise(self.pv, other.pv),

@@ -1,8 +1,8 @@
 """diffusers adapters: comfy_sage as a diffusers attention backend, `enable_sage` / `disable_sage` (with step and
 block schedules), and one-call generation (`sage_video.generate`, `sage_image.generate`).
 
-Importing this package registers the backends `comfy_sage`, `comfy_sage_fp16`, `comfy_sage_fp8` and
-`comfy_sage_exact` with diffusers' attention dispatcher.
+Importing this package registers the backends `comfy_sage`, `comfy_sage_fp16`, `comfy_sage_fp8`,
+`comfy_sage_fine` and `comfy_sage_exact` with diffusers' attention dispatcher.
 """
 from .backend import register_backends
 from .enable import SageReport, disable_sage, enable_sage, sage_state, set_step

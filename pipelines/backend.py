@@ -16,6 +16,7 @@ Backend names (usable with `diffusers.attention_backend(...)` and `model.set_att
     comfy_sage        8-bit attention, P·V precision from the GPU's table ("auto")
     comfy_sage_fp16   8-bit Q·K, FP16 P·V
     comfy_sage_fp8    8-bit Q·K, FP8 P·V (sm89+)
+    comfy_sage_fine   8-bit Q·K with per-token K scales, FP16 P·V (what calibration picks before exact)
     comfy_sage_exact  exact attention (SDPA, or fp32 math when an LSE is needed): what a schedule uses where it
                       keeps full precision, and still context-parallel capable
 
@@ -40,10 +41,11 @@ PV_BY_BACKEND = {
     "comfy_sage": "auto",
     "comfy_sage_fp16": "fp16",
     "comfy_sage_fp8": "fp8",
+    "comfy_sage_fine": "fine",  # FP16 P·V and per-token K scales: what calibration picks before exact
     "comfy_sage_exact": None,
 }
 BACKEND_BY_PV = {pv: name for name, pv in PV_BY_BACKEND.items()}
-PV_CHOICES = ("auto", "fp16", "fp8")
+PV_CHOICES = ("auto", "fp16", "fp8", "fine")
 
 # Bound the fp32 scores of the exact-with-LSE fallback (query chunks of at most this many score elements).
 _LSE_CHUNK_ELEMS = 1 << 26
@@ -281,7 +283,7 @@ def register_backends() -> dict:
 
 
 def backend_member(pv):
-    """The diffusers backend enum member for pv ("auto", "fp16", "fp8", or None for exact)."""
+    """The diffusers backend enum member for pv ("auto", "fp16", "fp8", "fine", or None for exact)."""
     return register_backends()[BACKEND_BY_PV[pv]]
 
 

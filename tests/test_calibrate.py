@@ -37,8 +37,8 @@ def qk_offset(q, k, channel=3, q_off=1000.0, k_off=50.0):
 def test_planted_outliers_measure_far_worse_than_randn():
     q, k, v = (randn(1, 2, 64, 32, seed=s) for s in range(3))
     base = variant_errors(q, k, v)
-    assert list(base) == ["fp8", "fp16"]
-    assert base["fp16"] < 0.02 and base["fp8"] < BUDGET, base
+    assert list(base) == ["fp8", "fp16", "fine"]
+    assert base["fp16"] < 0.02 and base["fine"] < 0.02 and base["fp8"] < BUDGET, base
     qo, ko = qk_offset(q, k)
     off = variant_errors(qo, ko, v)
     spiky = k.clone()
@@ -47,8 +47,13 @@ def test_planted_outliers_measure_far_worse_than_randn():
     qz[..., 4] = 0
     heavy = variant_errors(qz, spiky, v)
     for errs in (off, heavy):
-        for pv in ("fp8", "fp16"):
+        for pv in ("fp8", "fp16", "fine"):
             assert errs[pv] > 3 * BUDGET and errs[pv] > 5 * base[pv], (errs, base)
+    # sparser outlier keys: per-token K scales ("fine") cost only those keys, a block scale costs all of them
+    sparse = k.clone()
+    sparse[:, :, ::17, 4] = 1000.0
+    few = variant_errors(qz, sparse, v)
+    assert few["fine"] < few["fp16"] / 3, few
 
 
 @pytest.mark.parametrize("causal,hq,hkv", [(False, 2, 2), (True, 2, 2), (False, 4, 2)])
@@ -97,15 +102,15 @@ def test_measuring_is_not_counted():
 
 
 def test_candidates_follow_the_arch(monkeypatch):
-    """The arch's pv="auto" choice (per head dim) is tried first, the other P·V where the GPU has it."""
+    """The arch's pv="auto" choice (per head dim) is tried first, the other P·V where the GPU has it, "fine" last."""
     fp8_gpu = _arch.ArchEntry("fake", True, "fp8", "", {}, 0, {64: "fp16"})  # FP16 preferred at head dim <= 64
     monkeypatch.setattr(_arch, "arch_of", lambda device: fp8_gpu)
-    assert cal.candidates("cuda", 128) == ("fp8", "fp16")
-    assert cal.candidates("cuda", 64) == ("fp16", "fp8")
-    assert cal.candidates("cuda", 128, pv="fp16") == ("fp16",)
+    assert cal.candidates("cuda", 128) == ("fp8", "fp16", "fine")
+    assert cal.candidates("cuda", 64) == ("fp16", "fp8", "fine")
+    assert cal.candidates("cuda", 128, pv="fp16") == ("fp16", "fine")
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm80"])
-    assert cal.candidates("cuda", 128) == ("fp16",)
-    assert cal.candidates("cuda", 128, pv="fp8") == ()     # no FP8 tensor cores
+    assert cal.candidates("cuda", 128) == ("fp16", "fine")
+    assert cal.candidates("cuda", 128, pv="fp8") == ("fine",)     # no FP8 tensor cores
     monkeypatch.setattr(_arch, "arch_of", lambda device: None)
     assert cal.candidates("cpu", 64) == ()
 

@@ -28,7 +28,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("c" if s[6] else ""))
-@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "fine"])
 def test_kernel_matches_model_and_fp32(shape, pv):
     B, Hq, Hkv, Nq, Nk, D, causal = shape
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, device=DEV, seed=Nq + D)
@@ -39,10 +39,10 @@ def test_kernel_matches_model_and_fp32(shape, pv):
     # Same quantized arithmetic: only accumulation order and exp2 rounding differ.
     assert rel_l1(out.cpu(), model) < 2e-3
     # Row sums add the rounded P: an exp2 ulp that flips a rounding moves a short row's sum (1/16 in FP8)
-    assert (lse.cpu() - model_lse).abs().max() < (2e-3 if pv == "fp16" else 1e-2)
+    assert (lse.cpu() - model_lse).abs().max() < (1e-2 if pv == "fp8" else 2e-3)
     # Against exact attention: 8-bit error is small even at these tiny lengths (few keys to average over).
-    assert rel_l1(out.cpu(), ref) < (0.02 if pv == "fp16" else 0.08)
-    assert cosine(out.cpu(), ref) > (0.9995 if pv == "fp16" else 0.995)
+    assert rel_l1(out.cpu(), ref) < (0.08 if pv == "fp8" else 0.02)
+    assert cosine(out.cpu(), ref) > (0.995 if pv == "fp8" else 0.9995)
     assert (lse.cpu() - ref_lse).abs().max() < 0.05
 
 
@@ -122,6 +122,20 @@ def test_model_meets_accuracy_targets_at_anchor_size():
             out, _ = _reference.attention(q, k, v, pv=pv, block_n=128)
             assert rel_l1(out, ref) < bound, (kind, pv)
             assert cosine(out, ref) >= 0.999
+
+
+def test_fine_variant_holds_keys_with_token_outliers():
+    # A few keys carry huge values in channels the queries leave at zero (harmless to exact attention): with one
+    # scale per key block every other key of those blocks loses its precision; with one per key ("fine") only
+    # the outlier keys do.
+    q, k, v = make_qkv(1, 2, 2, 64, 256, 64, device=DEV, seed=5)
+    q, k = q.clone(), k.clone()
+    q[..., :2] = 0
+    k[:, :, ::37, :2] = 300
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
+    errs = {pv: rel_l1(sage_attention(q, k, v, pv=pv).cpu(), ref) for pv in ("fp16", "fine")}
+    assert errs["fine"] < errs["fp16"] / 3, errs
+    assert list(kernels.counters()).count("int8-fine") == 1
 
 
 def test_lse_is_exact_after_smoothing_for_ring_merges():

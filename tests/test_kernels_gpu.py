@@ -39,6 +39,14 @@ def test_accuracy_targets_on_anchor_inputs(kind, D, causal):
             assert cosine(out, ref) >= 0.999, (pv, tma)
 
 
+@pytest.mark.parametrize("kind", ["randn", "kbias"])
+def test_fine_variant_is_at_least_as_accurate_as_fp16(kind):
+    q, k, v = make_qkv(1, 8, 8, 4096, 4096, 128, device="cuda", kind=kind, seed=11)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    errs = {pv: rel_l1(sage_attention(q, k, v, pv=pv), ref) for pv in ("fp16", "fine")}
+    assert errs["fine"] <= errs["fp16"] * 1.02 and errs["fine"] <= (0.015 if kind == "randn" else 0.025), errs
+
+
 ODD = [(1, 77, 64), (4097, 226, 128), (1000, 512, 80), (77, 4097, 40), (333, 333, 96), (2048, 2048, 160),
        (1024, 1024, 256), (500, 600, 72), (8192, 77, 64)]
 

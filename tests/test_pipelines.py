@@ -26,6 +26,12 @@ def sage_calls(c=None):
     return sum(v for k, v in c.items() if k.startswith("int8-") or k == "sdpa:cpu")
 
 
+def sample(pipe, steps, guidance):
+    """A 5-frame 32x32 latent video from the tiny Wan pipeline, seed 0."""
+    return pipe("a fox", num_frames=5, height=32, width=32, num_inference_steps=steps, guidance_scale=guidance,
+                max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def wan():
     return tiny_wan_pipeline(dtype=torch.bfloat16)
@@ -78,8 +84,7 @@ def test_schedule_applied_on_right_steps_and_blocks(wan):
     state.trace = []
     reset_counters()
     try:
-        wan("a fox", num_frames=5, height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
-            max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))
+        sample(wan, steps=4, guidance=5.0)
     finally:
         disable_sage(wan)
     applied = {step: variants for step, n, variants in state.trace}
@@ -91,13 +96,23 @@ def test_schedule_applied_on_right_steps_and_blocks(wan):
     assert sage_calls() == 4, counters()
 
 
+def test_fine_override_runs_the_per_token_k_variant(wan):
+    """A site overridden to "fine" (what calibration writes for sparse outlier keys) runs that kernel variant."""
+    enable_sage(wan, schedule=Schedule(overrides={"1:self": "fine"}))
+    reset_counters()
+    try:
+        sample(wan, steps=2, guidance=1.0)
+    finally:
+        disable_sage(wan)
+    assert counters().get("int8-fine") == 2, counters()  # 2 steps x 1 site (the interpreter runs it on CPU)
+
+
 def test_schedule_fractions_and_exact_blocks(wan):
     sched = Schedule.from_strings(steps="0.5-1.0", exact_blocks="0")
     enable_sage(wan, schedule=sched)
     reset_counters()
     try:
-        wan("a fox", num_frames=5, height=32, width=32, num_inference_steps=4, guidance_scale=1.0,
-            max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))
+        sample(wan, steps=4, guidance=1.0)
     finally:
         disable_sage(wan)
     # steps 2, 3 (no CFG: one forward each) x block 1 x (self + cross)

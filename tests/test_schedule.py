@@ -109,6 +109,15 @@ def test_overrides_site_level():
     assert s.variant(0, 4, 5, "cross") is None         # the step rule still applies
 
 
+def test_fine_override_ranks_between_fp16_and_exact():
+    fine = Schedule(overrides={"1:self": "fine", "2:self": "fine", "3:self": "fp8"})
+    other = Schedule(overrides={"1:self": "fp16", "2:self": "exact", "3:self": "fine"}, pv="fp8")
+    assert (fine & other).overrides == {"1:self": "fine", "2:self": "exact", "3:self": "fine"}
+    assert (Schedule(pv="fine") & Schedule(pv="fp16")).pv == "fine"
+    assert fine.variant(0, 4, 1, "self") == "fine"
+    assert Schedule.from_json(fine.to_json()) == fine
+
+
 def test_composition_steps_times_blocks():
     steps = Schedule.from_strings(exact_steps="0, -1")
     blocks = Schedule.from_strings(blocks="2-3", pv="fp8")
