@@ -46,11 +46,9 @@ if __package__ in (None, ""):  # launched as a file: resolve the relative import
     __package__ = "comfy_sage.bench"
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -61,9 +59,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+from .video_step import WAN_14B, environment
+
 # Below this the tolerance is rounding noise, not the kernel: fp32 runs (CPU), where comfy_sage falls back to exact
 # attention and its own error is 0.
 TOL_FLOOR = 1e-5
@@ -190,19 +187,10 @@ class Bench:
 def env_info(device, world):
     import diffusers
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    from ..kernels import doctor
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "processes": world,
-            "dist_backend": dist.get_backend() if world > 1 else None,
-            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "torch": torch.__version__,
-            "triton": triton_version, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "doctor": doctor(), "argv": sys.argv}
+    return {**environment(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": world, "dist_backend": dist.get_backend() if world > 1 else None,
+            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "diffusers": diffusers.__version__,
+            "argv": sys.argv}
 
 
 def parse_args(argv):

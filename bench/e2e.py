@@ -38,13 +38,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .video_step import WAN_1_3B, environment
+from .video_step import WAN_1_3B, WAN_14B, environment
 
 VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "none")
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_default")
 EIGHT_BIT = ("sage", "sage_calibrated")
 
-WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))

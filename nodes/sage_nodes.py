@@ -108,7 +108,18 @@ class SageAttentionCalibrate:
         return (m,)
 
 
-class SageAttentionStepSchedule:
+class _ScheduleNode:
+    """A schedule from this node's rules, composed with an optional incoming one (both must agree)."""
+    RETURN_TYPES = (SCHEDULE_TYPE,)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, schedule=None, **rules):
+        return (Schedule.from_strings(**rules).compose(schedule),)
+
+
+class SageAttentionStepSchedule(_ScheduleNode):
     DESCRIPTION = ("Which sampling steps run 8-bit attention. Indices (0-based; -1 = last) or fractions of the "
                    "schedule (0.9-1.0 = last tenth). Empty = all steps. Steps come from the sampler's sigmas, so "
                    "every sampler, scheduler and CFG batch works.")
@@ -126,21 +137,12 @@ class SageAttentionStepSchedule:
                                                      "agree for a call to run 8-bit)."})},
         }
 
-    RETURN_TYPES = (SCHEDULE_TYPE,)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-
     @classmethod
     def VALIDATE_INPUTS(cls, steps="", exact_steps=""):
         return _validate(steps=steps, exact_steps=exact_steps)
 
-    def build(self, steps="", exact_steps="", schedule=None):
-        s = Schedule.from_strings(steps=steps, exact_steps=exact_steps)
-        return (s.compose(schedule) if schedule is not None else s,)
 
-
-class SageAttentionBlockSchedule:
+class SageAttentionBlockSchedule(_ScheduleNode):
     DESCRIPTION = ("Which blocks run 8-bit attention: flat indices in forward order ('0-3, 38-39'), or the "
                    "model's own groups ('input:4-8', 'middle', 'output', 'double:0-9', 'single'); and self- vs "
                    "cross-attention. Empty = all blocks.")
@@ -157,18 +159,9 @@ class SageAttentionBlockSchedule:
             "optional": {"schedule": (SCHEDULE_TYPE, {"tooltip": "Compose with another schedule (steps × blocks)."})},
         }
 
-    RETURN_TYPES = (SCHEDULE_TYPE,)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-
     @classmethod
     def VALIDATE_INPUTS(cls, blocks="", exact_blocks=""):
         return _validate(blocks=blocks, exact_blocks=exact_blocks)
-
-    def build(self, blocks="", exact_blocks="", attention="all", schedule=None):
-        s = Schedule.from_strings(blocks=blocks, exact_blocks=exact_blocks, attention=attention)
-        return (s.compose(schedule) if schedule is not None else s,)
 
 
 class SageAttentionReport:

@@ -73,6 +73,16 @@ def check_guidance(value):
     return float(value)
 
 
+def with_defaults(defaults: dict, **given) -> tuple:
+    """The given generation settings in order, each None replaced by the family's default and checked:
+    `guidance` a finite number >= 0, every other one a positive integer."""
+    out = []
+    for name, value in given.items():
+        value = defaults[name] if value is None else value
+        out.append(check_guidance(value) if name == "guidance" else check_positive_int(name, value))
+    return tuple(out)
+
+
 def as_schedule(schedule):
     if schedule is None or isinstance(schedule, Schedule):
         return schedule

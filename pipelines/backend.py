@@ -68,7 +68,7 @@ def _normalize_mask(attn_mask, query, key):
     return attn_mask
 
 
-def _kept_keys(attn_mask, q, k):
+def kept_keys(attn_mask, q, k):
     """For a boolean key-padding mask ([B or 1, 1, 1, Nk]: which keys every query of a batch row may see; what
     HunyuanVideo passes to every joint attention, and QwenImage with a padded prompt), the kept key indices per
     batch row: a list of B index tensors (None = all keys), or None when the mask is anything else."""
@@ -117,7 +117,7 @@ def attend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     if pv is not None and not dropout_p and not is_causal:
-        kept = _kept_keys(attn_mask, q, k)
+        kept = kept_keys(attn_mask, q, k)
         if kept is not None:
             return _attend_kept_keys(q, k, v, kept, attn_mask, scale, kwargs, pv).transpose(1, 2)
     if pv is None:

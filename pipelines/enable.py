@@ -33,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 from ..kernels import fallback_reason
 from ..kernels.calibrate import DEFAULT_BUDGET, Calibrator, fingerprint
 from ..kernels.schedule import Schedule, ScheduleError
-from .backend import PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, wrap_sdpa_processor
+from .backend import (PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, kept_keys,
+                      wrap_sdpa_processor)
 
 log = logging.getLogger("comfy_sage")
 
@@ -262,22 +263,18 @@ class _MeasureSDPA(TorchFunctionMode):
     def _observe(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
         calls = [(query, key, value)]
-        if _is_key_padding(attn_mask, query, key) and not is_causal:
+        kept = None if is_causal else kept_keys(attn_mask, query, key)
+        if kept is not None:
             # a key-padding mask: the same softmax as leaving the masked keys out, which is what 8-bit runs
-            keep = attn_mask[:, 0, 0, :].expand(query.shape[0], -1)
-            calls = [(query[b:b + 1], key[b:b + 1, :, keep[b]], value[b:b + 1, :, keep[b]])
-                     for b in range(query.shape[0]) if bool(keep[b].any())]
+            calls = [(query[b:b + 1], *(t[b:b + 1] if idx is None else t[b:b + 1].index_select(2, idx)
+                                        for t in (key, value)))
+                     for b, idx in enumerate(kept) if idx is None or idx.numel()]
             attn_mask = None
         s = self.site
         for q, k, v in calls:
             if fallback_reason(q, k, v, attn_mask, dropout_p, scale, enable_gqa, is_causal) is None:
                 self.calibrator.observe(f"{s.block}:{s.kind}", q, k, v, is_causal=is_causal, scale=scale,
                                         group=s.group, group_index=s.group_index)
-
-
-def _is_key_padding(mask, query, key) -> bool:
-    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
-            and mask.shape[1:3] == (1, 1) and mask.shape[-1] == key.shape[-2] and mask.shape[0] in (1, query.shape[0]))
 
 
 def _input_device(module, args, kwargs):

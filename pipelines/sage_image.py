@@ -44,11 +44,8 @@ def generate(prompt: str, *, model=None, height: int | None = None, width: int |
     schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
     dtype = torch.bfloat16
     pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
-    d = DEFAULTS[family]
-    height = _run.check_positive_int("height", d["height"] if height is None else height)
-    width = _run.check_positive_int("width", d["width"] if width is None else width)
-    steps = _run.check_positive_int("steps", d["steps"] if steps is None else steps)
-    guidance = _run.check_guidance(d["guidance"] if guidance is None else guidance)
+    height, width, steps, guidance = _run.with_defaults(DEFAULTS[family], height=height, width=width, steps=steps,
+                                                        guidance=guidance)
     m = size_multiple(pipe, family)
     for name, v in (("height", height), ("width", width)):
         if v % m:

@@ -74,13 +74,8 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
     schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
     dtype = torch.bfloat16
     pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
-    d = DEFAULTS[family]
-    num_frames = _run.check_positive_int("num_frames", d["num_frames"] if num_frames is None else num_frames)
-    height = _run.check_positive_int("height", d["height"] if height is None else height)
-    width = _run.check_positive_int("width", d["width"] if width is None else width)
-    steps = _run.check_positive_int("steps", d["steps"] if steps is None else steps)
-    guidance = _run.check_guidance(d["guidance"] if guidance is None else guidance)
-    fps = _run.check_positive_int("fps", d["fps"] if fps is None else fps)
+    num_frames, height, width, steps, guidance, fps = _run.with_defaults(
+        DEFAULTS[family], num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
     check_frames_and_size(pipe, family, num_frames, height, width)
     if schedule is not None:
         schedule.check(num_steps=steps)

@@ -81,6 +81,10 @@ def test_bad_arguments(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "e2e-cpu.json"
+    # triton.jit picks interpreter or GPU when a kernel module is imported: import them under the interpreter first,
+    # or every later test in this process would get GPU kernels on a CPU machine
+    from comfy_sage.kernels import _attention, _quant  # noqa: F401
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")  # the exact CPU fallback (conftest turns the interpreter on): fast
         mp.setenv("COMFY_SAGE_CALIBRATION_DIR", str(out.parent / "calibration"))  # not the user's cache

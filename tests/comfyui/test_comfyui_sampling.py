@@ -10,14 +10,16 @@ import conftest as C
 pytestmark = pytest.mark.usefixtures("comfy")
 
 
-def patched(pack, model, *, steps=None, blocks=None, attention="all", pv="auto", enabled=True):
+def patched(pack, model, *, exact_steps=None, blocks="", exact_blocks=None, attention="all", pv="auto",
+            enabled=True):
+    """Apply SageAttention through the pack's nodes, with a step and/or block schedule where asked."""
     M = pack.NODE_CLASS_MAPPINGS
     sched = None
-    if steps is not None:
-        sched, = M["SageAttentionStepSchedule"]().build(steps="", exact_steps=steps)
-    if blocks is not None:
-        sched, = M["SageAttentionBlockSchedule"]().build(blocks="", exact_blocks=blocks, attention=attention,
-                                                         schedule=sched)
+    if exact_steps is not None:
+        sched, = M["SageAttentionStepSchedule"]().build(steps="", exact_steps=exact_steps)
+    if blocks or exact_blocks is not None or attention != "all":
+        sched, = M["SageAttentionBlockSchedule"]().build(blocks=blocks, exact_blocks=exact_blocks or "",
+                                                         attention=attention, schedule=sched)
     m, = M["ApplySageAttention"]().apply(model, enabled, pv, False, sched)
     return m
 
@@ -33,7 +35,7 @@ def eight_bit(counter):
 @pytest.mark.parametrize("kind,blocks_per_step,calls_per_block", [("flux", 5, 1), ("wan", 3, 2), ("unet", 7, 2)])
 def test_step_schedule_counts(pack, kind, blocks_per_step, calls_per_block):
     model = C.BUILDERS[kind](torch.float16)
-    m = patched(pack, model, steps="0, -1", pv="fp16")
+    m = patched(pack, model, exact_steps="0, -1", pv="fp16")
     out = C.sample(m, kind, torch.float16, steps=4, cfg=2.0)  # cond+uncond in one batch (CFG)
     assert torch.isfinite(out).all()
     run = state(m).run
@@ -50,7 +52,7 @@ def test_step_schedule_counts(pack, kind, blocks_per_step, calls_per_block):
 
 def test_block_schedule_flux_groups(pack):
     model = C.tiny_flux(torch.float16)
-    m = patched(pack, model, blocks="double:1, single:2")
+    m = patched(pack, model, exact_blocks="double:1, single:2")
     C.sample(m, "flux", torch.float16, steps=2)
     blocks = state(m).run["blocks"]
     # flat order: double 0-1, single 0-2 -> flat 0..4; exact: double:1 (flat 1) and single:2 (flat 4)
@@ -62,10 +64,7 @@ def test_block_schedule_flux_groups(pack):
 
 
 def test_block_schedule_wan_self_vs_cross(pack):
-    model = C.tiny_wan(torch.float16)
-    M = pack.NODE_CLASS_MAPPINGS
-    sched, = M["SageAttentionBlockSchedule"]().build(blocks="0-1", exact_blocks="", attention="self")
-    m, = M["ApplySageAttention"]().apply(model, True, "auto", False, sched)
+    m = patched(pack, C.tiny_wan(torch.float16), blocks="0-1", attention="self")
     C.sample(m, "wan", torch.float16, steps=2)
     blocks = state(m).run["blocks"]
     assert eight_bit(blocks[(0, "self")]) == 2 and eight_bit(blocks[(1, "self")]) == 2
@@ -75,10 +74,7 @@ def test_block_schedule_wan_self_vs_cross(pack):
 
 
 def test_unet_groups(pack):
-    model = C.tiny_unet(torch.float16)
-    M = pack.NODE_CLASS_MAPPINGS
-    sched, = M["SageAttentionBlockSchedule"]().build(blocks="", exact_blocks="middle, output", attention="all")
-    m, = M["ApplySageAttention"]().apply(model, True, "auto", False, sched)
+    m = patched(pack, C.tiny_unet(torch.float16), exact_blocks="middle, output")
     C.sample(m, "unet", torch.float16, steps=1)
     run = state(m).run
     # input_blocks 1 and 2 carry transformers (flat 0, 1); middle is flat 2; output blocks flat 3..6
@@ -126,12 +122,9 @@ def test_chains_existing_override(pack):
 def test_bad_blocks_fail_before_sampling(pack):
     ScheduleError = pack.kernels.schedule.ScheduleError  # the pack's own module tree, as ComfyUI loaded it
     model = C.tiny_flux(torch.float16)
-    M = pack.NODE_CLASS_MAPPINGS
-    sched, = M["SageAttentionBlockSchedule"]().build(blocks="0-3, 38-39", exact_blocks="", attention="all")
     with pytest.raises(ScheduleError, match="'38-39'"):
-        M["ApplySageAttention"]().apply(model, True, "auto", False, sched)
-    sched, = M["SageAttentionStepSchedule"]().build(steps="", exact_steps="9")
-    m, = M["ApplySageAttention"]().apply(model, True, "auto", False, sched)
+        patched(pack, model, blocks="0-3, 38-39")
+    m = patched(pack, model, exact_steps="9")
     with pytest.raises(ScheduleError, match="'9'.*out of range for 4 steps"):
         C.sample(m, "flux", torch.float16, steps=4)
     assert state(m).run["forwards"] == 0  # raised before the first model call
