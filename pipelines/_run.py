@@ -319,6 +319,15 @@ def sibling(path, tag):
     return f"{root}.{tag}{ext}"
 
 
+def attach_report(res, out_path: str, report: dict) -> None:
+    """Write a compare run's report as `<out>.json` beside the output and attach it to the result."""
+    json_path = os.path.splitext(out_path)[0] + ".json"
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    res.files["json"] = json_path
+    res.compare = report
+
+
 def comparison(sage: RunResult, sdpa: RunResult, per_frame: bool) -> dict:
     a, b = sdpa.frames, sage.frames
     frames_a = a if per_frame else a[None]

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -119,9 +118,5 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
         report.update({"prompt": prompt, "model": label, "num_frames": num_frames, "height": height,
                        "width": width, "steps": steps, "guidance": guidance,
                        "schedule": schedule.to_dict() if schedule is not None else None, "files": res.files})
-        json_path = os.path.splitext(out_path)[0] + ".json"
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-        res.files["json"] = json_path
-        res.compare = report
+        _run.attach_report(res, out_path, report)
     return res
