@@ -65,8 +65,9 @@ class ApplySageAttention:
 class SageAttentionCalibrate:
     DESCRIPTION = ("Apply SageAttention, calibrated per attention site (block x self/cross): the first sampling "
                    "measures every site against exact attention (that model call runs exactly) and keeps exact "
-                   "attention where 8-bit errs by more than the budget, FP8 or FP16 P·V elsewhere. The decision is "
-                   "saved as JSON for these weights and reused by later runs; the Report node lists it.")
+                   "attention where 8-bit errs by more than the budget, FP8 or FP16 P·V (or the per-token-K 'fine' "
+                   "variant) elsewhere. The decision is saved as JSON for these weights and reused by later runs; "
+                   "the Report node lists it.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,11 +76,11 @@ class SageAttentionCalibrate:
                 "model": ("MODEL",),
                 "budget": ("FLOAT", {"default": DEFAULT_BUDGET, "min": 0.0, "max": 1.0, "step": 0.005,
                                      "tooltip": "Largest relative L1 error (vs exact attention) a site may have "
-                                     "and still run 8-bit. FP8 P·V measures about 0.037 on ordinary layers, "
+                                     "and still run 8-bit. FP8 P·V measures about 0.038 on ordinary layers, "
                                      "FP16 about 0.011."}),
                 "pv": (["auto", "fp16", "fp8"], {"default": "auto", "tooltip": "auto: the GPU's faster P·V "
                                                  "where it is within budget, else the other one; fp16/fp8: only "
-                                                 "that one (else exact)."}),
+                                                 "that one; then the per-token-K 'fine' variant, else exact."}),
                 "recalibrate": ("BOOLEAN", {"default": False, "tooltip": "Measure again even if a calibration "
                                             "for these weights is saved (and overwrite it)."}),
                 "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran and the per-site "
