@@ -341,6 +341,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"wrote {args.out}")
     if world > 1:
+        dist.barrier()  # no rank tears gloo/NCCL down while the other still has traffic in flight
         dist.destroy_process_group()
     return 0
 

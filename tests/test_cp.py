@@ -40,6 +40,7 @@ WORKER = textwrap.dedent("""
     if rank == 0:
         torch.save({"out": out, "counters": counters()}, out_path)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while the other still has traffic in flight (SIGABRT)
         dist.destroy_process_group()
 """)
 
