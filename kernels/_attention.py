@@ -27,8 +27,19 @@ def _load(ptrs, mask, MASKED: tl.constexpr, other=0):
 
 
 @triton.jit
+def _mma_a_order(p):
+    """P's key columns in the order an 8-bit MMA reads its A operand from registers, so P goes from the Q·Kᵀ
+    accumulator into the P·V MMA without shuffles between threads. Per 32 keys (bits h g r e of the key index:
+    each thread holds keys 8g + 2r + e of its r), the A operand wants h r g e: swap g and r. v8 stores its
+    keys in the same order (_quant.v_slot), so P·V sums the same products."""
+    M: tl.constexpr = p.shape[0]
+    N: tl.constexpr = p.shape[1]
+    return p.reshape(M, N // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(M, N)
+
+
+@triton.jit
 def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad, svb, svh, svn,
-            D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr,
+            D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr,
             USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr):
     cols0 = tl.arange(0, BLOCK_N)
@@ -51,9 +62,13 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
             m_new = tl.maximum(m_i, tl.max(s, 1) * c)
             p = tl.math.exp2(s * c[:, None] - (m_new - P_SHIFT)[:, None])
         else:
-            c = qs * tl.load(ks_ptr + n0 // BLOCK_N)  # per-row scale: q scale (with sm_scale*log2e) times k's
-            m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * c)
-            p = tl.math.exp2(s * c[:, None] - (m_new + MAGIC * c - P_SHIFT)[:, None])
+            # K has one scale per key block and lane quad (keys 8j + 2r + e share scale r): each thread of the MMA
+            # layout holds one r, so its scale is one number per row, q's scale (with sm_scale*log2e) times k's.
+            s = s.reshape(BLOCK_M, BLOCK_N // 8, 4, 2)
+            c = qs[:, None] * tl.load(ks_ptr + (n0 // BLOCK_N) * 4 + tl.arange(0, 4))[None, :]
+            m_new = tl.maximum(m_i, tl.max((tl.max(tl.max(s, 3), 1) - MAGIC) * c, 1))
+            off = m_new[:, None] + MAGIC * c - P_SHIFT
+            p = tl.math.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape(BLOCK_M, BLOCK_N)
         alpha = tl.math.exp2(m_i - m_new)
         if PV_FP8:
             if USE_TMA:
@@ -61,7 +76,7 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
             else:
                 vt = _load(V + (bhk.to(tl.int64) * D + d[:, None]) * Nk_pad + cols[None, :], d[:, None] < D, D != DP,
                            0.0)
-            p = p.to(tl.float8e4nv)
+            p = _mma_a_order(p.to(tl.float8e4nv))
             # Row sums on the tensor cores (P times a ones tile) instead of a row of adds per thread (measured
             # faster on this path only). Both sums are two-level: FP8 products summed over one block, then added
             # in FP32 (FP8 MMA accumulators keep fewer bits than FP32). v's per-channel scale comes after the loop.
@@ -103,7 +118,7 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
         q8 = _load(Q8 + (bh.to(tl.int64) * Nq_pad + rows[:, None]) * DS + d[None, :], d[None, :] < D, D != DP)
     qs = tl.load(QS + bh.to(tl.int64) * Nq_pad + rows)
     nkb = Nk_pad // BLOCK_N
-    ks_ptr = KS + bhk.to(tl.int64) * (Nk_pad if K_TOKEN else nkb)
+    ks_ptr = KS + bhk.to(tl.int64) * (Nk_pad if K_TOKEN else nkb * 4)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if PV_FP8:
@@ -123,11 +138,11 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
         hi = Nk
         lo_mask = full_end
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, 0, lo_mask, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT, USE_TMA,
-                            K_TOKEN)
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT,
+                            USE_TMA, K_TOKEN)
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo_mask, hi, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT, USE_TMA,
-                            K_TOKEN)
+                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT,
+                            USE_TMA, K_TOKEN)
 
     if PV_FP8:
         l_i = tl.max(l_i, 1)

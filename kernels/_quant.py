@@ -2,14 +2,17 @@
 
 - q: one scale per token (finest granularity, free in the attention kernel: it scales a row), with
   `softmax scale · log2(e)` folded in so the attention kernel's softmax is a single exp2.
-- k: smoothed by subtracting a mean over tokens, then one scale per BLOCK_N tokens (the attention kernel's key
-  block), or one per token (K_TOKEN, the "fine" variant: a token with outlier keys then costs only itself). Any vector shared by all tokens keeps the scores exact up to a per-row shift, which softmax ignores;
-  we use the mean of SAMPLE evenly spaced tokens so every program computes the same vector from a few L2-resident
-  rows and k is still read once.
+- k: smoothed by subtracting a mean over tokens, then four scales per BLOCK_N tokens (the attention kernel's key
+  block): keys 8j + 2r + e of a block share scale r, because the MMA accumulator layouts (mma.sync and wgmma)
+  give each thread the keys of one r, so a thread still needs one scale per row; or one scale per token (K_TOKEN,
+  the "fine" variant: a token with outlier keys then costs only itself). Any vector shared by all tokens keeps the
+  scores exact up to a per-row shift, which softmax ignores; we use the mean of SAMPLE evenly spaced tokens so
+  every program computes the same vector from a few L2-resident rows and k is still read once.
 - v (FP8 path only): one scale per channel over all tokens, stored transposed ([D, N]) because FP8 tensor cores
-  want both operands K-major. A whole-sequence scale lets the attention kernel apply it once after its loop
-  instead of once per key block (per-block scales measured no more accurate: bench/NOTES.md); its maximum is
-  one extra read of v before the launch.
+  want both operands K-major, its tokens in the order the attention kernel hands P to the MMA (v_slot). A
+  whole-sequence scale lets the attention kernel apply it once after its loop instead of once per key block
+  (per-block scales measured no more accurate: bench/NOTES.md); its maximum is one extra read of v before the
+  launch.
 
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
 masks) and to an 8-byte row stride along the head dim (the memory budget of 0.6x q+k+v holds for D=40 too).
@@ -74,14 +77,22 @@ def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
         s = tl.where(amax > 0, amax / 127.0, 1.0)
         x8 = _round_int8(x * (1.0 / s)[:, None])
         tl.store(KS + bh.to(tl.int64) * Nk_pad + rows, s)
-    else:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    else:  # four scales per block: keys 8j + 2r + e take scale r (one per thread in the MMA layout)
+        xq = x.reshape(BLOCK_K // 8, 4, 2, DP)
+        amax = tl.max(tl.max(tl.max(tl.abs(xq), axis=3), axis=2), axis=0)
         s = tl.where(amax > 0, amax / 127.0, 1.0)
-        x8 = _round_int8(x * (1.0 / s))
-        tl.store(KS + bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid, s)
+        x8 = _round_int8(xq * (1.0 / s)[None, :, None, None]).reshape(BLOCK_K, DP)
+        tl.store(KS + (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * 4 + tl.arange(0, 4), s)
     tl.store(K8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
     if pid == 0:
         tl.store(KM + bh.to(tl.int64) * DP + d, mean)
+
+
+@triton.jit
+def v_slot(n):
+    """Where key n sits along v8's token axis: bits 1-2 and bit 3 of n swap places, the key order in which the
+    attention kernel hands P to the FP8 P·V MMA (_attention._mma_a_order). Permutes within 16 keys only."""
+    return (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)
 
 
 @triton.jit
@@ -95,7 +106,7 @@ def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
                    + d[None, :], rows < Nk, d, D, DP)
     s = tl.load(VS + bh.to(tl.int64) * DP + d)
     x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
-    tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + rows[:, None], x8, mask=d[None, :] < D)
+    tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + v_slot(rows)[:, None], x8, mask=d[None, :] < D)
 
 
 @triton.jit
@@ -125,7 +136,7 @@ class Quantized:
     q8: torch.Tensor      # [B, Hq, Nq_pad, DS] int8
     qs: torch.Tensor      # [B, Hq, Nq_pad] fp32, includes softmax scale * log2(e)
     k8: torch.Tensor      # [B, Hkv, Nk_pad, DS] int8, smoothed
-    ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n] fp32, or [B, Hkv, Nk_pad] with k_token
+    ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n, 4] fp32, or [B, Hkv, Nk_pad] with k_token
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
@@ -145,7 +156,8 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)
     qs = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev)
     k8 = torch.empty((B, Hkv, Nk_pad, DS), dtype=torch.int8, device=dev)
-    ks = torch.empty((B, Hkv, Nk_pad if k_token else Nk_pad // block_n), dtype=torch.float32, device=dev)
+    ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
+                     device=dev)
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
     if fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)

@@ -16,7 +16,8 @@ def _round_int8(x):
 
 
 def quantize(q, k, v, *, scale, block_n, fp8_v, k_token=False):
-    """q, k, v: [B, H, N, D]. Returns q8, qs [B,H,N], k8, ks [B,H,nb], kmean [B,H,D], v8 (or None), vs."""
+    """q, k, v: [B, H, N, D]. Returns q8, qs [B,H,N], k8, ks [B,H,nb,4] (or [B,H,N] per token), kmean [B,H,D], v8
+    (or None), vs."""
     q32, k32, v32 = q.float(), k.float(), v.float()
     amax = q32.abs().amax(-1)
     s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
@@ -33,11 +34,11 @@ def quantize(q, k, v, *, scale, block_n, fp8_v, k_token=False):
         amax = kc[:, :, :Nk].abs().amax(-1)
         ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         k8 = _round_int8(kc[:, :, :Nk] * (1.0 / ks)[..., None])
-    else:
-        kb = kc.unflatten(2, (nb, block_n))
-        amax = kb.abs().amax((-1, -2))
+    else:  # [B, H, nb, 4]: keys 8j + 2r + e of a block take scale r
+        kb = kc.unflatten(2, (nb, block_n // 8, 4, 2))
+        amax = kb.abs().amax((3, 5, 6))
         ks = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        k8 = _round_int8(kb * (1.0 / ks)[..., None, None]).flatten(2, 3)[:, :, :Nk]
+        k8 = _round_int8(kb * (1.0 / ks)[:, :, :, None, :, None, None]).flatten(2, 5)[:, :, :Nk]
 
     v8 = vs = None
     if fp8_v:
@@ -72,11 +73,12 @@ def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
         if is_causal:
             s = s.masked_fill(torch.arange(n0, n1)[None, :] > rows, float("-inf"))
         if k_token:
-            s, c = s * ks[:, :, None, n0:n1], qs
-        else:
-            c = qs * ks[:, :, j, None]
-        m_new = torch.maximum(m, s.amax(-1) * c)
-        p = torch.exp2(s * c[..., None] - (m_new - shift)[..., None])
+            s, c = s * ks[:, :, None, n0:n1], qs[..., None]
+        else:  # per (row, quad r): q's scale times the block's scale r
+            c = (qs[..., None] * ks[:, :, j, None, :]).repeat_interleave(2, -1).repeat(1, 1, 1, block_n // 8)
+            c = c[..., :n1 - n0]
+        m_new = torch.maximum(m, (s * c).amax(-1))
+        p = torch.exp2(s * c - (m_new - shift)[..., None])
         alpha = torch.exp2(m - m_new)
         if fp8_v:  # row sums of the FP8 P that multiplies v (the kernel sums it on the tensor cores)
             p = p.to(torch.float8_e4m3fn).float()

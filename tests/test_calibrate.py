@@ -49,11 +49,12 @@ def test_planted_outliers_measure_far_worse_than_randn():
     for errs in (off, heavy):
         for pv in ("fp8", "fp16", "fine"):
             assert errs[pv] > 3 * BUDGET and errs[pv] > 5 * base[pv], (errs, base)
-    # sparser outlier keys: per-token K scales ("fine") cost only those keys, a block scale costs all of them
+    # sparser outlier keys: per-token K scales ("fine") cost only those keys, a shared scale costs every key it
+    # covers (a quarter of a key block: each lane quad has its own scale)
     sparse = k.clone()
     sparse[:, :, ::17, 4] = 1000.0
     few = variant_errors(qz, sparse, v)
-    assert few["fine"] < few["fp16"] / 3, few
+    assert few["fine"] < few["fp16"] / 1.8, few
 
 
 @pytest.mark.parametrize("causal,hq,hkv", [(False, 2, 2), (True, 2, 2), (False, 4, 2)])

@@ -95,9 +95,12 @@ def test_quantization_kernel_matches_model_bit_for_bit():
     assert (qz.k8[:, :, :70, :80].cpu().int() - k8.int()).abs().max() <= 1  # the mean's summation order may differ
     assert torch.allclose(qz.ks.cpu(), ks, rtol=1e-5)
     assert torch.allclose(qz.kmean[..., :80].cpu(), kmean, atol=1e-5)
-    got = qz.v8[..., :70].transpose(-1, -2).float().cpu()
-    assert torch.equal(got, v8.float())
-    assert torch.equal(qz.v8[..., 70:].float().cpu(), torch.zeros(1, 1, 80, 26))  # pad tokens are zeros
+    n = torch.arange(96)
+    slot = (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)  # v8 keeps its keys in the P·V MMA's A order
+    assert sorted(slot.tolist()) == list(range(96)) and slot[8].item() == 2 and slot[2].item() == 4
+    got = qz.v8[..., slot].transpose(-1, -2).float().cpu()
+    assert torch.equal(got[:, :, :70], v8.float())
+    assert torch.equal(got[:, :, 70:], torch.zeros(1, 1, 26, 80))  # pad tokens are zeros
     assert torch.allclose(qz.vs[..., :80].cpu(), vs, rtol=1e-6)
 
 
@@ -113,12 +116,13 @@ def test_extra_memory_is_under_six_tenths_of_qkv():
 
 def test_model_meets_accuracy_targets_at_anchor_size():
     """The arithmetic (the model the kernel is checked against) at the anchors' size, N=4096: FP16 P·V within
-    0.015 / 0.025 relative L1 on randn / kbias, cosine >= 0.999. FP8 P·V within 0.039: its whole-sequence v scale
-    (bench/NOTES.md, v5) measures 0.0380-0.0387 on randn across seeds, a hair over the 0.038 target."""
+    0.015 / 0.025 relative L1 on randn / kbias, cosine >= 0.999. FP8 P·V within 0.0385: with K scales per lane
+    quad (bench/NOTES.md, v7) it measures 0.0376-0.0381 on randn across seeds (0.0378-0.0380 on the anchors'
+    inputs), so one seed may sit a hair over the 0.038 target."""
     for kind, bound16 in (("randn", 0.015), ("kbias", 0.025)):
         q, k, v = make_qkv(1, 8, 8, 4096, 4096, 64, kind=kind, seed=7)
         ref, _ = exact(q, k, v)
-        for pv, bound in (("fp16", bound16), ("fp8", 0.039)):
+        for pv, bound in (("fp16", bound16), ("fp8", 0.0385)):
             out, _ = _reference.attention(q, k, v, pv=pv, block_n=128)
             assert rel_l1(out, ref) < bound, (kind, pv)
             assert cosine(out, ref) >= 0.999

@@ -33,8 +33,9 @@ def test_accuracy_targets_on_anchor_inputs(kind, D, causal):
     for pv in _pvs():
         for tma in (False, True):
             out = _api._forward(q, k, v, "HND", bool(causal), None, pv, False, tile=_tile(D, pv, tma))[0]
-            # FP8: 0.039, not the 0.038 (the whole-sequence v scale, bench/NOTES.md v5)
-            bound = 0.039 if pv == "fp8" else (0.015 if kind == "randn" else 0.025)
+            # FP8: 0.0385; these inputs measure at most 0.0380 on the H200 (the 0.038; K scales per lane
+            # quad, bench/NOTES.md v7), other seeds up to 0.0381
+            bound = 0.0385 if pv == "fp8" else (0.015 if kind == "randn" else 0.025)
             assert rel_l1(out, ref) <= bound, (pv, tma)
             assert cosine(out, ref) >= 0.999, (pv, tma)
 
