@@ -1,7 +1,7 @@
 """One config table per GPU arch: which P·V precision `pv="auto"` takes, block shapes, and where SDPA is faster.
 
-Numbers for sm90 come from bench/ runs on the lent H100 (see bench/NOTES.md); the other arches carry the same
-shapes scaled to their shared memory until measured there.
+Numbers for sm90 come from bench/ runs on the lent H100 and H200 (see bench/NOTES.md); the other arches carry the
+same shapes scaled to their shared memory until measured there.
 """
 import functools
 import os
@@ -29,6 +29,8 @@ class ArchEntry:
     min_pairs: int = 0
     pv_by_dim: dict = field(default_factory=dict)  # padded head dim -> pv, where it differs from pv_auto
     min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
+    # ... and below this many pairs summed over batch and heads: too few query tiles to fill the GPU's waves
+    min_total_pairs: int = 0
 
     def pv_for(self, head_dim: int) -> str:
         return self.pv_by_dim.get(head_dim_bucket(head_dim), self.pv_auto)
@@ -55,13 +57,16 @@ ARCHES = {
     "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
     "sm86": ArchEntry("sm86", False, "fp16", "RTX 30xx: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
     "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
-    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.15-1.25x "
-                      "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.011 for FP16 P·V, which pv='fp16' or "
+    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.2-1.3x "
+                      "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.010 for FP16 P·V, which pv='fp16' or "
                       "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192,
-                      # crossovers with cuDNN in the H100 grid (bench/results): hd128 full gains from N=4096,
-                      # hd64 causal only from N=16384
-                      min_pairs_by={(128, False): 4096 * 4096, (64, True): 16384 * 16384,
-                                    (32, True): 16384 * 16384}),
+                      # crossovers with cuDNN in the H200 grid (bench/results, kernel v7): full attention gains
+                      # from N=4096, causal from N=8192
+                      min_pairs_by={(128, False): 4096 * 4096, (64, False): 4096 * 4096,
+                                    (32, False): 4096 * 4096},
+                      # H200, head dim 128, full: 24 heads x 4608² (Flux at 1024²) and 40 x 4096² measured slower
+                      # or even in 8-bit, 24 x 6144² and 48 x 4608² (>= 9e8 pairs) 7-10% faster
+                      min_total_pairs=700_000_000),
     "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
     "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",
@@ -145,6 +150,8 @@ def doctor() -> dict:
         info["path"] = f"int8-{entry.pv_auto}pv"
         info["why"] = entry.why
         info["sdpa_below_pairs"] = entry.min_pairs
+        if entry.min_total_pairs:
+            info["sdpa_below_pairs_over_batch_and_heads"] = entry.min_total_pairs
         if entry.min_pairs_by:
             info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": n
                                                            for (d, c), n in entry.min_pairs_by.items()}

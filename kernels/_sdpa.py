@@ -42,8 +42,12 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, scale=None
             return "sdpa:cpu", "CPU tensors"
         return "sdpa:gpu", "GPU without INT8 tensor cores (needs sm80+)"
     below = entry.sdpa_below(D, is_causal)
-    if query.shape[-2] * key.shape[-2] < below:
+    pairs = query.shape[-2] * key.shape[-2]
+    if pairs < below:
         return "sdpa:short", f"sequence too short to gain on {entry.name} (< {below} query-key pairs)"
+    if pairs * query.shape[0] * Hq < entry.min_total_pairs:
+        return "sdpa:short", f"too little work to gain on {entry.name} (< {entry.min_total_pairs} query-key pairs " \
+                             "over batch and heads)"
     try:
         import triton  # noqa: F401
     except ImportError:

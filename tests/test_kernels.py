@@ -190,14 +190,18 @@ def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
         sage_attention(q, q, q, pv="fp8")
 
 
-def test_short_sequence_threshold_depends_on_head_dim_and_causal(monkeypatch):
-    # the sm90 table: hd128 full gains from N=4096, hd128 causal and hd64 full from 8192, hd64 causal from 16384
+def test_short_sequence_threshold_depends_on_head_dim_causal_and_total_work(monkeypatch):
+    # the sm90 table: full attention gains from N=4096, causal from 8192, and only with at least 7e8 query-key
+    # pairs over batch and heads (Flux at 1024², 24 heads of 4608 tokens, stays SDPA)
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
-    for D, N, causal, applies in ((128, 4096, False, True), (128, 4096, True, False), (128, 8192, True, True),
-                                  (64, 4096, False, False), (64, 8192, False, True), (64, 8192, True, False)):
-        q = torch.empty(1, 1, N, D, dtype=torch.float16, device="meta")
+    for B, H, D, N, causal, applies in ((1, 96, 128, 4096, False, True), (1, 96, 128, 2048, False, False),
+                                        (1, 96, 128, 4096, True, False), (1, 24, 128, 8192, True, True),
+                                        (1, 128, 64, 4096, False, True), (1, 128, 64, 4096, True, False),
+                                        (1, 24, 128, 4608, False, False), (1, 40, 128, 4096, False, False),
+                                        (2, 24, 128, 4608, False, True)):
+        q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
         why = kernels.fallback_reason(q, q, q, is_causal=causal)
-        assert (why is None) == applies, (D, N, causal, why)
+        assert (why is None) == applies, (B, H, D, N, causal, why)
         if not applies:
             assert why[0] == "sdpa:short"
 

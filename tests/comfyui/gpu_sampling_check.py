@@ -121,7 +121,7 @@ def min_pairs_lowered(arch_module, value):
     saved = dict(arch_module.ARCHES)
     try:
         for k, e in saved.items():
-            arch_module.ARCHES[k] = dataclasses.replace(e, min_pairs=value, min_pairs_by={})
+            arch_module.ARCHES[k] = dataclasses.replace(e, min_pairs=value, min_pairs_by={}, min_total_pairs=0)
         yield
     finally:
         arch_module.ARCHES.clear()
