@@ -37,6 +37,23 @@ def _mma_a_order(p):
     return p.reshape(M, N // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(M, N)
 
 
+@triton.constexpr_function
+def _log2(n):
+    return int(n).bit_length() - 1
+
+
+@triton.jit
+def _max_tree(x):
+    """Max over axis 1 of [M, G, R] by halving G: log2(G) dependent steps instead of a G-long chain of dependent
+    max instructions (the row max is the one serial stretch of the softmax)."""
+    M: tl.constexpr = x.shape[0]
+    R: tl.constexpr = x.shape[2]
+    G: tl.constexpr = x.shape[1]
+    for i in tl.static_range(_log2(G)):
+        x = tl.max(x.reshape(M, 2, G >> (i + 1), R), 1)
+    return x.reshape(M, R)
+
+
 @triton.jit
 def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad, svb, svh, svn,
             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -66,7 +83,7 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
             # layout holds one r, so its scale is one number per row, q's scale (with sm_scale*log2e) times k's.
             s = s.reshape(BLOCK_M, BLOCK_N // 8, 4, 2)
             c = qs[:, None] * tl.load(ks_ptr + (n0 // BLOCK_N) * 4 + tl.arange(0, 4))[None, :]
-            m_new = tl.maximum(m_i, tl.max((tl.max(tl.max(s, 3), 1) - MAGIC) * c, 1))
+            m_new = tl.maximum(m_i, tl.max((_max_tree(tl.max(s, 3)) - MAGIC) * c, 1))
             off = m_new[:, None] + MAGIC * c - P_SHIFT
             p = tl.math.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape(BLOCK_M, BLOCK_N)
         alpha = tl.math.exp2(m_i - m_new)

@@ -5,9 +5,11 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from comfy_sage import kernels
-from comfy_sage.kernels import _api, _arch, _quant, _reference, sage_attention, sage_sdpa
+from comfy_sage.kernels import _api, _arch, _attention, _quant, _reference, sage_attention, sage_sdpa
 from kernel_cases import cosine, exact, make_qkv, rel_l1
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +84,25 @@ def test_zero_rows_and_constant_keys_stay_finite():
     out = _api._forward(q, k, v, "HND", False, None, "fp8", False, tile=TILE)[0]
     ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
     assert out.isfinite().all() and rel_l1(out.cpu(), ref) < 0.08
+
+
+@triton.jit
+def _max_tree_probe(X, Y, M: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
+    i = (tl.arange(0, M)[:, None, None] * G + tl.arange(0, G)[None, :, None]) * R + tl.arange(0, R)[None, None, :]
+    y = _attention._max_tree(tl.load(X + i))
+    tl.store(Y + tl.arange(0, M)[:, None] * R + tl.arange(0, R)[None, :], y)
+
+
+@pytest.mark.parametrize("G", [1, 2, 16])
+def test_row_max_tree_is_the_max_over_groups(G):
+    # the kernel's row max halves the group axis (16 groups per row and lane quad at the sm90 tile)
+    M, R = 16, 4
+    x = torch.randn(M, G, R, device=DEV) * 100
+    x[3, 0, :] = float("-inf")  # masked keys
+    x[5] = float("-inf")  # a fully masked row stays -inf
+    y = torch.empty(M, R, device=DEV)
+    _max_tree_probe[(1,)](x, y, M, G, R)
+    assert torch.equal(y, x.amax(1))
 
 
 def test_quantization_kernel_matches_model_bit_for_bit():
