@@ -15,15 +15,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from ...kernels._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree
-
-
-@gluon.jit
-def _mma_a_order(p):
-    """P's key columns in the 8-bit MMA's A-operand register order (see _attention._mma_a_order)."""
-    M: gl.constexpr = p.shape[0]
-    N: gl.constexpr = p.shape[1]
-    return p.reshape([M, N // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([M, N])
+from ...kernels._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
 
 
 @gluon.jit
