@@ -9,36 +9,41 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from ...kernels import _attention, _quant
+from ...kernels import _arch, _attention, _quant
+from ..bench import metrics, tops
 from . import gluon_sm90
 
-OUT = os.environ.get("OUT", "/tmp")
-res = {"gpu": torch.cuda.get_device_name(), "check": [], "speed": []}
+
+def _tile(D):
+    """The sm90 table's FP8 tile: what the package runs, and the block sizes the quantization is cut for."""
+    return _arch.ARCHES["sm90"].tiles[(D, "fp8")]
 
 
-def setup(B, H, N, D, causal, dtype=torch.float16, seed=0, nhd=False):
+def setup(B, H, N, D, dtype=torch.float16, seed=0, nhd=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shape = (B, N, H, D) if nhd else (B, H, N, D)
     q, k, v = (torch.randn(shape, device="cuda", generator=g).to(dtype) for _ in range(3))
     if nhd:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     dims = (B, H, H, N, N, D, D)
-    qz = _quant.quantize(q, k, v, dims=dims, scale=D ** -0.5, block_m=64, block_n=128, fp8_v=True)
+    t = _tile(D)
+    qz = _quant.quantize(q, k, v, dims=dims, scale=D ** -0.5, block_m=t.block_m, block_n=t.block_n, fp8_v=True)
     return q, k, v, dims, qz
 
 
 def run_triton(qz, v, out, lse, dims, causal):
-    _attention.attention(qz, v, out, lse, dims=dims, block_m=64, block_n=128, causal=causal, fp8_v=True,
-                         num_warps=4, num_stages=2 if dims[5] == 128 else 3, tma=True,
-                         maxnreg=168 if dims[5] == 128 else 128)
+    t = _tile(dims[5])
+    _attention.attention(qz, v, out, lse, dims=dims, block_m=t.block_m, block_n=t.block_n, causal=causal,
+                         fp8_v=True, num_warps=t.num_warps, num_stages=t.num_stages, tma=t.tma, maxnreg=t.maxnreg)
 
 
 def run_gluon(qz, out, lse, dims, causal, **kw):
-    gluon_sm90.attention(qz, out, lse, dims=dims, block_m=64, block_n=128, causal=causal, **kw)
+    t = _tile(dims[5])
+    gluon_sm90.attention(qz, out, lse, dims=dims, block_m=t.block_m, block_n=t.block_n, causal=causal, **kw)
 
 
 def check(B, H, N, D, causal, **kw):
-    q, k, v, dims, qz = setup(B, H, N, D, causal)
+    q, k, v, dims, qz = setup(B, H, N, D)
     o1 = torch.full_like(q, float("nan"))
     o2 = torch.full_like(q, float("nan"))
     l1 = torch.full((B, H, N), float("nan"), device="cuda")
@@ -47,18 +52,16 @@ def check(B, H, N, D, causal, **kw):
     run_gluon(qz, o2, l2, dims, causal, **kw)
     torch.cuda.synchronize()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-    rl = lambda o: ((o.float() - ref).abs().sum() / ref.abs().sum()).item()
     r = dict(B=B, H=H, N=N, D=D, causal=causal, kw=kw, nan_gluon=int(torch.isnan(o2).sum()),
-             maxdiff=(o1.float() - o2.float()).abs().max().item(), l1_triton=rl(o1), l1_gluon=rl(o2),
-             lse_maxdiff=(l1 - l2).abs().max().item())
-    res["check"].append(r)
+             maxdiff=(o1.float() - o2.float()).abs().max().item(), l1_triton=metrics(o1, ref)[1],
+             l1_gluon=metrics(o2, ref)[1], lse_maxdiff=(l1 - l2).abs().max().item())
     print(r, flush=True)
+    return r
 
 
 def speed(B, H, N, D, causal, variants, nhd=False):
-    q, k, v, dims, qz = setup(B, H, N, D, causal, dtype=torch.bfloat16, nhd=nhd)
+    q, k, v, dims, qz = setup(B, H, N, D, dtype=torch.bfloat16, nhd=nhd)
     out = torch.empty_like(q)
-    ops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
     row = dict(B=B, H=H, N=N, D=D, causal=causal, nhd=nhd)
     fns = {"triton": lambda: run_triton(qz, v, out, None, dims, causal)}
     for name, kw in variants.items():
@@ -68,17 +71,19 @@ def speed(B, H, N, D, causal, variants, nhd=False):
             with sdpa_kernel([be]):
                 F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         fns[name] = f
-    fns["quant"] = lambda: _quant.quantize(q, k, v, dims=dims, scale=D ** -0.5, block_m=64, block_n=128, fp8_v=True)
+    t = _tile(D)
+    fns["quant"] = lambda: _quant.quantize(q, k, v, dims=dims, scale=D ** -0.5, block_m=t.block_m,
+                                           block_n=t.block_n, fp8_v=True)
     order = list(fns)
     for rnd in range(int(os.environ.get("ROUNDS", 2))):
         for name in (order if rnd % 2 == 0 else order[::-1]):
             try:
                 ms = do_bench(fns[name], warmup=25, rep=200 if N < 50000 else 600, return_mode="median")
-                row.setdefault(name, []).append(round(ms, 4) if name == "quant" else round(ops / ms / 1e9, 1))
+                row.setdefault(name, []).append(round(ms, 4) if name == "quant" else round(tops(row, ms), 1))
             except Exception as e:
                 row[name] = f"{type(e).__name__}: {str(e)[:200]}"
-    res["speed"].append(row)
     print(row, flush=True)
+    return row
 
 
 def plot(result, path):
@@ -105,14 +110,22 @@ def plot(result, path):
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":
-    for args in [] if os.environ.get("NOCHECK") else [(1, 4, 4096, 128, False), (1, 4, 4096, 128, True), (2, 3, 1000, 128, False), (2, 3, 1000, 128, True),
-                 (1, 4, 4096, 64, False), (1, 3, 777, 64, True), (1, 2, 130, 128, False)]:
-        for ahead in (True, False):
-            check(*args, ahead=ahead)
-    variants = json.loads(os.environ.get("VARIANTS", '{"ahead": {}, "serial": {"ahead": false, "k_stages": 2, "maxnreg": 168}}'))
+def main():
+    res = {"gpu": torch.cuda.get_device_name(), "check": [], "speed": []}
+    if not os.environ.get("NOCHECK"):
+        for args in [(1, 4, 4096, 128, False), (1, 4, 4096, 128, True), (2, 3, 1000, 128, False),
+                     (2, 3, 1000, 128, True), (1, 4, 4096, 64, False), (1, 3, 777, 64, True), (1, 2, 130, 128, False)]:
+            for ahead in (True, False):
+                res["check"].append(check(*args, ahead=ahead))
+    variants = json.loads(os.environ.get(
+        "VARIANTS", '{"ahead": {}, "serial": {"ahead": false, "k_stages": 2, "maxnreg": 168}}'))
     for args in [(1, 24, 16384, 128, False), (1, 40, 75600, 128, False, True), (1, 40, 32760, 128, False, True),
                  (1, 24, 32768, 128, True), (1, 32, 32768, 64, False)][: int(os.environ.get("NSPEED", 5))]:
-        speed(*args[:5], variants, nhd=len(args) > 5)
-    json.dump(res, open(os.path.join(OUT, "exp_sm90.json"), "w"), indent=1)
-    plot(res, os.path.join(OUT, "exp_sm90.png"))
+        res["speed"].append(speed(*args[:5], variants, nhd=len(args) > 5))
+    out = os.environ.get("OUT", "/tmp")
+    json.dump(res, open(os.path.join(out, "exp_sm90.json"), "w"), indent=1)
+    plot(res, os.path.join(out, "exp_sm90.png"))
+
+
+if __name__ == "__main__":
+    main()
