@@ -5,6 +5,7 @@
 - Rounding to float8 e4m3 drops the carry when the mantissa rounds up (127.97 becomes 64, not 128), rounds ties
   away from zero and truncates subnormals: we convert through torch's float8_e4m3fn instead, which rounds to
   nearest-even and saturates like the GPU's `cvt.rn.satfinite`.
+- float32 to bfloat16 truncates (the GPU rounds to nearest-even): converted through torch as well.
 Applied once, only when interpreting.
 """
 import functools
@@ -18,7 +19,7 @@ def patch_interpreter() -> None:
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    create_dot, create_fp_to_fp = builder.create_dot, builder.create_fp_to_fp
+    create_dot, create_fp_to_fp, create_fp_trunc = builder.create_dot, builder.create_fp_to_fp, builder.create_fp_trunc
 
     def dot(self, a, b, d, *args, **kwargs):
         if a.dtype.scalar == tl.bfloat16:
@@ -36,5 +37,12 @@ def patch_interpreter() -> None:
         x8 = x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return interpreter.TensorHandle(x8, dst_type.scalar)
 
+    def fp_trunc(self, src, dst_type):
+        if dst_type.scalar != tl.bfloat16 or src.dtype.scalar != tl.float32:
+            return create_fp_trunc(self, src, dst_type)
+        x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        return interpreter.TensorHandle(x.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
     builder.create_dot = dot
+    builder.create_fp_trunc = fp_trunc
     builder.create_fp_to_fp = fp_to_fp
