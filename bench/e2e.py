@@ -15,9 +15,10 @@ extrapolated as (forward - its blocks) + sum over kinds of (real block count x m
 
 Variants (same weights, same inputs): `none` (attention replaced by a free identity: the rest of the step, so
 attention share = 1 - none / variant), `sdpa_flash` and `sdpa_cudnn` (forced with sdpa_kernel; cuDNN first is what
-ComfyUI users get), `sdpa_default` (PyTorch's own choice), `sage` (`enable_sage(model)`) and `sage_calibrated`
-(`enable_sage(model, calibrate=True)`). Speed-ups are baseline time / variant time, on the extrapolated step and
-per layer.
+ComfyUI users get), `sdpa_default` (PyTorch's own choice), `sage` (`enable_sage(model)`), `sage_calibrated`
+(`enable_sage(model, calibrate=True)`) and `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
+rotary embedding left to diffusers' torch ops, so the gain is the attention's alone; the same as `sage` for the
+other families). Speed-ups are baseline time / variant time, on the extrapolated step and per layer.
 
 Fidelity: a short flow-matching Euler loop (shifted sigmas, conditional calls only) from the same noise, on the
 same cut model, with exact attention (default SDPA) as reference; each variant's final latents get cosine, PSNR
@@ -40,9 +41,9 @@ import torch.nn.functional as F
 
 from .video_step import WAN_1_3B, WAN_14B, environment
 
-VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "none")
+VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only", "none")
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_default")
-EIGHT_BIT = ("sage", "sage_calibrated")
+EIGHT_BIT = ("sage", "sage_calibrated", "sage_attention_only")
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -298,7 +299,7 @@ def attention_variant(name, model, cuda):
         yield info
     elif name in EIGHT_BIT:
         # calibrated: the first call measures every site (running exactly), the later ones run its decision
-        reports = enable_sage(model, calibrate=True) if name == "sage_calibrated" else enable_sage(model)
+        reports = enable_sage(model, calibrate=name == "sage_calibrated", fuse_rope=name != "sage_attention_only")
         info["sites"] = sum(len(r.sites) for r in reports)
         try:
             yield info

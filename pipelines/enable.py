@@ -35,6 +35,7 @@ from ..kernels.calibrate import DEFAULT_BUDGET, Calibrator, fingerprint
 from ..kernels.schedule import Schedule, ScheduleError
 from .backend import (PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, kept_keys,
                       wrap_sdpa_processor)
+from . import wan_rope
 
 log = logging.getLogger("comfy_sage")
 
@@ -65,12 +66,15 @@ class SageReport:
     num_blocks: int = 0
     groups: dict = field(default_factory=dict)
     calibrator: Calibrator | None = None           # with calibrate=True: status, decision per site (.describe())
+    rope_fused: int = 0                            # Wan attention modules whose rotation runs in our pass
 
     def __str__(self):
         routes = {}
         for _, route, _, _ in self.sites:
             routes[route] = routes.get(route, 0) + 1
         s = f"{self.model}: {len(self.sites)} attention sites -> comfy_sage ({routes})"
+        if self.rope_fused:
+            s += f"; rotary embedding in one pass at {self.rope_fused}"
         if self.skipped:
             s += f"; left alone: {len(self.skipped)} ({self.skipped[0][1]})"
         if self.calibrator is not None:
@@ -92,6 +96,7 @@ class _State:
         self.report = report
         self.applied_for = object()
         self.hook = None
+        self.ropes = []                  # wan_rope.FusedRope per Wan attention module
         self.trace = None                # list of (step, num_steps, site name, variant) when tracing
 
     def resolve(self, step, num_steps):
@@ -360,7 +365,8 @@ def _models_of(target):
 
 
 def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "auto", *, calibrate: bool = False,
-                budget: float = DEFAULT_BUDGET, calibration_dir=None, recalibrate: bool = False) -> list[SageReport]:
+                budget: float = DEFAULT_BUDGET, calibration_dir=None, recalibrate: bool = False,
+                fuse_rope: bool = True) -> list[SageReport]:
     """Route every attention of a diffusers model (or of each denoiser of a pipeline: Wan 2.2's `transformer`
     and `transformer_2` included; VAE and text encoders untouched) through comfy_sage.
 
@@ -370,6 +376,8 @@ def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "
     (relative L1 against exact attention), FP8 or FP16 P·V elsewhere (the fastest within budget). The first
     forward of each model measures (and runs exactly) unless a decision for its weights is saved in
     `calibration_dir` (default `kernels.calibrate.default_dir()`); `recalibrate=True` measures anyway.
+    fuse_rope: rotate Wan's q and k in one Triton pass instead of diffusers' torch ops (same values to one bf16
+    unit in the last place; `pipelines.wan_rope`); False leaves diffusers' rotation as it is.
     Returns one `SageReport` per model (`.calibrator.describe()`: the per-site decisions once made). Masks are
     honoured (exact fallback), never dropped.
     """
@@ -406,6 +414,10 @@ def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "
             if s.variant == "unset":
                 _set_site(s, None)
         state.hook = model.register_forward_pre_hook(_pre_hook(state), with_kwargs=True)
+        if fuse_rope:
+            state.ropes = [wan_rope.FusedRope(s.module) for s in sites
+                           if s.kind == "self" and wan_rope.applies(s.module)]
+            report.rope_fused = len(state.ropes)
         setattr(model, _STATE_ATTR, state)
         if skipped:
             log.warning("comfy_sage: %s", report)
@@ -420,6 +432,8 @@ def disable_sage(model_or_pipeline) -> None:
         if state is None:
             continue
         state.hook.remove()
+        for r in state.ropes:
+            r.remove()
         _remove_cal_hooks(state)
         for s in state.sites:
             if s.route == "dispatch":

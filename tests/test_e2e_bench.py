@@ -83,7 +83,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "e2e-cpu.json"
     # triton.jit picks interpreter or GPU when a kernel module is imported: import them under the interpreter first,
     # or every later test in this process would get GPU kernels on a CPU machine
-    from comfy_sage.kernels import _attention, _quant  # noqa: F401
+    from comfy_sage.kernels import _attention, _quant, _rope  # noqa: F401
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")  # the exact CPU fallback (conftest turns the interpreter on): fast
@@ -131,7 +131,7 @@ def test_smoke_fidelity_and_paths(smoke):
     for name, case in res["cases"].items():
         vs = case["variants"]
         # on CPU every variant with attention runs exact SDPA: the same final latents as the reference
-        for v in ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated"):
+        for v in ("sdpa_default", "sdpa_cudnn", "sdpa_flash") + e2e.EIGHT_BIT:
             assert vs[v]["fidelity"]["cosine"] == pytest.approx(1.0, abs=1e-12), (name, v)
             assert vs[v]["fidelity"]["rel_l1"] == 0.0 and vs[v]["fidelity"]["psnr_db"] is None
         assert "fidelity" not in vs["none"]
