@@ -66,6 +66,18 @@ def _to_hnd(t, layout):
     return t if layout == "HND" else t.transpose(1, 2)
 
 
+def _warp_specialized(tile, causal, fp8_v, D, DP) -> bool:
+    """Whether a call runs the warp-specialized sm90 kernel: its tile names one, full attention, FP8 P·V, a head
+    dim needing no padding, bulk copies, and a Triton it was measured with (_attention_ws.usable)."""
+    if tile.ws is None or causal or not fp8_v or D != DP or not tile.tma:
+        return False
+    try:
+        from . import _attention_ws
+    except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
+        return False
+    return _attention_ws.usable()
+
+
 def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     """The op's implementation; `tile` overrides the arch table (benchmark sweeps only)."""
     B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
@@ -98,9 +110,18 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
                              fp8_v=fp8_v, k_token=k_token)
-        _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token,
-                             num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
+        if _warp_specialized(tile, is_causal, fp8_v, D, DP):
+            from . import _attention_ws
+
+            ws = tile.ws
+            _attention_ws.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                                    block_n=tile.block_n, consumers=ws.consumers, stages=ws.stages,
+                                    maxnreg=ws.maxnreg)
+        else:
+            _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                                 block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token,
+                                 num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tile.tma,
+                                 maxnreg=tile.maxnreg)
         if return_lse:
             # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
             km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)

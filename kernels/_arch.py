@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class WarpSpec:
+    """The warp-specialized sm90 kernel (_attention_ws.py): a producer warp and `consumers` warpgroups of the
+    tile's block_m rows each, `stages` K/V buffers, `maxnreg` registers per thread of the CTA's pool."""
+    consumers: int
+    stages: int
+    maxnreg: int
+
+
+@dataclass(frozen=True)
 class Tile:
     block_m: int
     block_n: int
@@ -16,6 +25,7 @@ class Tile:
     num_stages: int
     tma: bool = False  # tiles through tensor descriptors (sm90+)
     maxnreg: int | None = None  # register cap per thread: 168 lets three 4-warp CTAs share an SM
+    ws: WarpSpec | None = None  # full attention with FP8 P·V at exactly this head dim runs _attention_ws.py
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,11 @@ _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
 # through the bulk-copy engine, registers capped so that three (head dim 128) or four (head dim <= 64) CTAs share
 # an SM and one CTA's softmax overlaps another's MMAs.
 _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8")}
-_HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168), (128, "fp16"): Tile(64, 128, 4, 2, True)})
+# FP8 full attention at head dim 128: one producer warp and three consumer warpgroups per CTA (twelve consumer
+# warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-12% over it on the H200 (bench/NOTES.md,
+# v9). At head dim 64 it measured 4% slower than the Triton kernel's four CTAs per SM: not used there.
+_HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128)),
+                (128, "fp16"): Tile(64, 128, 4, 2, True)})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
 _HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128) for d in (32, 64)})
 
@@ -152,7 +166,22 @@ def doctor() -> dict:
         info["sdpa_below_pairs"] = entry.min_pairs
         if entry.min_total_pairs:
             info["sdpa_below_pairs_over_batch_and_heads"] = entry.min_total_pairs
+        ws_dims = sorted(d for (d, pv), t in entry.tiles.items() if t.ws is not None and pv == "fp8")
+        if ws_dims:
+            info["warp_specialized_full_attention"] = _ws_status(ws_dims)
         if entry.min_pairs_by:
             info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": n
                                                            for (d, c), n in entry.min_pairs_by.items()}
     return info
+
+
+def _ws_status(dims) -> str:
+    try:
+        from . import _attention_ws
+    except (ImportError, AttributeError) as e:
+        return f"off: this Triton has no usable Gluon ({e})"
+    if _attention_ws.usable():
+        return f"on for FP8 full attention at head dim {', '.join(map(str, dims))}"
+    return (f"off: {_attention_ws.ENV}=0" if os.environ.get(_attention_ws.ENV) == "0" else
+            f"off: measured with Triton {', '.join(v + 'x' for v in _attention_ws.TESTED_TRITON)} "
+            f"({_attention_ws.ENV}=1 turns it on)")

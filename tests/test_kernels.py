@@ -1,5 +1,6 @@
 """The Triton kernels themselves (through TRITON_INTERPRET=1 on CPU, compiled on a GPU) against the pure-torch
 model of their arithmetic and against fp32 attention; the API contract, errors, LSE, counters, the custom op."""
+import dataclasses
 import logging
 
 import pytest
@@ -299,3 +300,44 @@ def test_custom_op_fake_shapes_compile_and_backward():
     (F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, enable_gqa=True) * w).sum().backward()
     for a, b in ((q, q2), (k, k2), (v, v2)):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_warp_specialized_kernel_routing(monkeypatch):
+    """Which calls the sm90 warp-specialized kernel takes (full attention, FP8 P·V, head dim without padding, bulk
+    copies, a tested Triton, COMFY_SAGE_WS not 0), and that _forward hands it the tile's settings and the LSE. The
+    kernel is Gluon, which the interpreter does not run: here a stand-in runs the Triton kernel on the same
+    quantized inputs; tests/test_kernels_gpu.py compares the real one on a GPU."""
+    from comfy_sage.kernels import _attention_ws
+
+    ws = _arch.WarpSpec(3, 2, 128)
+    tile = _arch.Tile(32, 32, 4, 1, True, None, ws)
+    monkeypatch.delenv(_attention_ws.ENV, raising=False)
+    monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: True)
+    assert _api._warp_specialized(tile, False, True, 64, 64)
+    for args in [(True, True, 64, 64), (False, False, 64, 64), (False, True, 40, 64)]:
+        assert not _api._warp_specialized(tile, *args), args
+    assert not _api._warp_specialized(_arch.Tile(32, 32, 4, 1, False, None, ws), False, True, 64, 64)
+    assert not _api._warp_specialized(TILE, False, True, 64, 64)
+    monkeypatch.setenv(_attention_ws.ENV, "0")
+    assert not _api._warp_specialized(tile, False, True, 64, 64)
+    monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: False)
+    monkeypatch.setenv(_attention_ws.ENV, "")
+    assert not _api._warp_specialized(tile, False, True, 64, 64)
+    monkeypatch.setenv(_attention_ws.ENV, "1")
+    assert _api._warp_specialized(tile, False, True, 64, 64)
+
+    calls = []
+
+    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg):
+        calls.append((consumers, stages, maxnreg, lse is not None))
+        _attention.attention(qz, qz.v8, out, lse, dims=dims, block_m=block_m, block_n=block_n, causal=False,
+                             fp8_v=True, num_warps=4, num_stages=1)
+
+    monkeypatch.setattr(_attention_ws, "attention", stand_in)
+    q, k, v = make_qkv(1, 2, 2, 40, 70, 64, device=DEV, seed=3)
+    out, lse = _api._forward(q, k, v, "HND", False, None, "fp8", True, tile=tile)
+    ref, ref_lse = _api._forward(q, k, v, "HND", False, None, "fp8", True, tile=TILE)
+    assert calls == [(3, 2, 128, True)]
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing still applies
+    _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
+    assert len(calls) == 1

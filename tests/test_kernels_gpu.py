@@ -116,3 +116,31 @@ def test_sage_sdpa_keeps_sdpa_where_it_is_faster():
     assert torch.equal(sage_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert kernels.counters() == {"sdpa:short": 1}
 
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D", [(2, 3, 3, 1000, 1000, 128), (1, 8, 2, 4096, 4096, 64),
+                                           (1, 4, 4, 4097, 226, 128), (1, 2, 2, 130, 8192, 128),
+                                           (1, 24, 24, 4608, 4608, 128)], ids=str)
+def test_warp_specialized_kernel_matches_the_triton_kernel(B, Hq, Hkv, Nq, Nk, D, monkeypatch):
+    """The sm90 warp-specialized Gluon kernel (forced on with COMFY_SAGE_WS=1) against the Triton kernel on the
+    same inputs and against fp32 attention: tails, GQA, Nq != Nk, more rows than one CTA's, the LSE."""
+    from comfy_sage.kernels import _attention_ws
+
+    tile = _entry().tiles[(_arch.head_dim_bucket(D), "fp8")]
+    if tile.ws is None:
+        tile = dataclasses.replace(tile, tma=True, ws=_arch.WarpSpec(3, 2, 128))
+    runs = []
+    real = _attention_ws.attention
+    monkeypatch.setattr(_attention_ws, "attention", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.bfloat16, device="cuda", seed=Nq + D)
+    ref, ref_lse = exact(q, k, v)
+    got = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv(_attention_ws.ENV, env)
+        got[env] = _api._forward(q, k, v, "HND", False, None, "fp8", True, tile=tile)
+    assert runs == [1]  # once, with the variable at 1
+    (ws, ws_lse), (tr, tr_lse) = got["1"], got["0"]
+    assert torch.isfinite(ws).all() and torch.isfinite(ws_lse).all()
+    assert rel_l1(ws, ref) <= 0.0385 and cosine(ws, ref) >= 0.999
+    assert abs(rel_l1(ws, ref) - rel_l1(tr, ref)) <= 0.001  # the same arithmetic but for FP32 row sums
+    assert (ws_lse - ref_lse).abs().max() <= 0.02 and (ws_lse - tr_lse).abs().max() <= 0.02

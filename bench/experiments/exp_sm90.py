@@ -1,6 +1,8 @@
 """The Gluon experiment (gluon_sm90.py) against the package's Triton kernel on the same quantized inputs, with
 cuDNN and flash in the same process: `OUT=dir python -m comfy_sage.bench.experiments.exp_sm90` on a GPU.
-VARIANTS (JSON: name -> gluon_sm90.attention keywords), NSPEED (how many shapes), ROUNDS, NOCHECK=1."""
+VARIANTS (JSON: name -> gluon_sm90.attention keywords; "module": "ws" runs the package's warp-specialized kernel,
+kernels/_attention_ws.py, with its keywords consumers/stages/maxnreg, checked on the full-attention shapes),
+NSPEED (how many shapes), ROUNDS, NOCHECK=1."""
 import json
 import os
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from ...kernels import _arch, _attention, _quant
+from ...kernels import _arch, _attention, _attention_ws, _quant
 from ..bench import metrics, tops
 from . import gluon_sm90
 
@@ -37,9 +39,14 @@ def run_triton(qz, v, out, lse, dims, causal):
                          fp8_v=True, num_warps=t.num_warps, num_stages=t.num_stages, tma=t.tma, maxnreg=t.maxnreg)
 
 
-def run_gluon(qz, out, lse, dims, causal, **kw):
+def run_gluon(qz, out, lse, dims, causal, module=None, **kw):
     t = _tile(dims[5])
-    gluon_sm90.attention(qz, out, lse, dims=dims, block_m=t.block_m, block_n=t.block_n, causal=causal, **kw)
+    if module == "ws":
+        if causal:
+            raise ValueError("the warp-specialized kernel runs full attention only")
+        _attention_ws.attention(qz, out, lse, dims=dims, block_m=t.block_m, block_n=t.block_n, **kw)
+    else:
+        gluon_sm90.attention(qz, out, lse, dims=dims, block_m=t.block_m, block_n=t.block_n, causal=causal, **kw)
 
 
 def check(B, H, N, D, causal, **kw):
@@ -119,6 +126,11 @@ def main():
                 res["check"].append(check(*args, ahead=ahead))
     variants = json.loads(os.environ.get(
         "VARIANTS", '{"ahead": {}, "serial": {"ahead": false, "k_stages": 2, "maxnreg": 168}}'))
+    if not os.environ.get("NOCHECK"):
+        for kw in (kw for kw in variants.values() if kw.get("module") == "ws"):
+            for args in [(1, 4, 4096, 128, False), (2, 3, 1000, 128, False), (1, 4, 4096, 64, False),
+                         (1, 2, 130, 128, False)]:
+                res["check"].append(check(*args, **kw))
     for args in [(1, 24, 16384, 128, False), (1, 40, 75600, 128, False, True), (1, 40, 32760, 128, False, True),
                  (1, 24, 32768, 128, True), (1, 32, 32768, 64, False)][: int(os.environ.get("NSPEED", 5))]:
         res["speed"].append(speed(*args[:5], variants, nhd=len(args) > 5))

@@ -1,0 +1,251 @@
+"""sm90 full attention with FP8 P·V in Gluon (Triton's explicit dialect), warp-specialized as FlashAttention-3 is.
+
+Same arithmetic as _attention.py on the same quantized inputs (the MAGIC int->float conversion, K scales per key
+block and lane quad, P shifted to 448, v8's key order), with another structure:
+- one producer warp issues the bulk copies: each consumer's Q tile once, then K and V of each key block into a
+  ring of shared-memory stages, waiting on a stage's "empty" mbarrier before refilling it and signalling its
+  "ready" mbarrier with the bytes to expect;
+- CONSUMERS warpgroups of 4 warps, 64 query rows each, wait on "ready", run Q·Kᵀ, the softmax and P·V, and arrive
+  on "empty" once the MMA that read the stage has completed.
+The consumers issue no copies, so nothing in their key loop is a CTA-wide barrier: Triton's own pipeliner puts
+three `bar.sync` per key block in _attention.py's loop (19% of a warp's cycles, bench/NOTES.md); here Triton
+keeps one warpgroup-wide barrier before each mbarrier wait and arrive (two per block). Row sums add P in FP32:
+the ones-tile MMA of _attention.py gave wrong sums in Gluon.
+
+Used where the sm90 table gives a tile `ws` (full attention, FP8 P·V, head dim exactly 64 or 128, bulk copies)
+and the installed Triton is one this was measured with; everything else runs _attention.py. Triton's CPU
+interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against _attention.py on the GPU.
+"""
+import functools
+import os
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from ._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
+
+P_SHIFT = gl.constexpr(P_SHIFT_FP8)
+PRODUCER_REGS = gl.constexpr(24)  # the least setmaxnreg allows: the producer holds only scalars
+TESTED_TRITON = ("3.6.",)  # Gluon's API moves between releases; others run _attention.py
+ENV = "COMFY_SAGE_WS"      # "0": never use this kernel (A/B runs, a way out); "1": also on untested Triton
+
+
+@gluon.jit
+def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMERS: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One warp: the consumers' Q tiles once, then K and V block by block into the next stage of the ring once
+    the consumers have released it."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, kv_smem = smem
+    k_smem, v_smem = kv_smem
+    q_bar, ready, empty = bars
+    Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad = sizes
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    bhk = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    # rows past this head's end read the next head's (or the bulk-copy engine's zeros): their outputs are masked
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for i in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [bh * Nq_pad + (pid_m * CONSUMERS + i) * BLOCK_M, 0], q_bar,
+                                        q_smem.index(i))
+    KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    for j in range((Nk + BLOCK_N - 1) // BLOCK_N):
+        s = j % STAGES
+        # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), KV_BYTES)
+        tma.async_copy_global_to_shared(k_desc, [bhk * Nk_pad + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [bhk * D, j * BLOCK_N], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+           MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
+           o_layout: gl.constexpr):
+    """Key block j for one consumer warpgroup."""
+    BLOCK_M: gl.constexpr = zero_s.shape[0]
+    st = j % STAGES
+    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+    s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
+    s = (s + MAGIC_BITS).to(gl.float32, bitcast=True)  # MAGIC + Q·K
+    if MASKED:
+        s = gl.where((j * BLOCK_N + cols0)[None, :] < Nk, s, float("-inf"))
+    s = s.reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
+    c = c_q[:, None] * ks[None, :]
+    ks = gl.load(ks_ptr + gl.minimum(j + 1, n_blocks - 1) * 4)  # the next block's scales, loaded a block early
+    mx = gl.convert_layout(_max_tree(gl.max(s, 3)), c.type.layout, assert_trivial=True)
+    m_new = gl.maximum(m_i, gl.max((mx - MAGIC) * c, 1))
+    off = m_new[:, None] + MAGIC * c - P_SHIFT
+    p = gl.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape([BLOCK_M, BLOCK_N])
+    alpha = gl.exp2(m_i - m_new)
+    p8 = _mma_a_order(p.to(gl.float8e4nv))
+    pv_tok = warpgroup_mma(gl.convert_layout(p8, p_layout, assert_trivial=True), v_smem.index(st).permute((1, 0)),
+                           o_zero, use_acc=False, is_async=True)
+    psum = gl.convert_layout(gl.sum(p, 1), alpha.type.layout)  # beside the MMA
+    # FP8 products of one block summed in the MMA, then added in FP32 (as in _attention.py)
+    pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+    mbarrier.arrive(empty.index(st))  # one arrival per warpgroup, as the ring's barriers count
+    l_i = l_i * alpha + psum
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    return m_new, l_i, acc, ks
+
+
+@gluon.jit
+def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup: rows [BLOCK_M·wg, BLOCK_M·(wg+1)) of the CTA's tile over every key block, then its output."""
+    q_smem, kv_smem = smem
+    k_smem, v_smem = kv_smem
+    q_bar, ready, empty = bars
+    QS, KS, VS, O, LSE, sob, soh, son = ptrs
+    Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad = sizes
+    D: gl.constexpr = q_smem.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    # the [rows, 4 lane quads] layout of the per-thread row maxima (K's scale index is the thread's lane quad)
+    s4_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout).reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
+    r_layout: gl.constexpr = gl.max(gl.max(s4_zero, 3), 1).type.layout
+    row_layout: gl.constexpr = gl.SliceLayout(1, r_layout)
+
+    bh = gl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * (Hq // GROUP) + h // GROUP
+    n_blocks = (Nk + BLOCK_N - 1) // BLOCK_N
+    row0 = (gl.program_id(0) * CONSUMERS + wg) * BLOCK_M
+
+    qrows = row0 + gl.arange(0, BLOCK_M, row_layout)
+    c_q = gl.load(QS + bh.to(gl.int64) * Nq_pad + qrows, mask=qrows < Nq_pad, other=0.0)
+    ks_ptr = KS + bhk.to(gl.int64) * (Nk_pad // BLOCK_N * 4) + gl.arange(0, 4, gl.SliceLayout(0, r_layout))
+    cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    st = (gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout), gl.zeros([BLOCK_M], gl.float32, row_layout),
+          o_zero, gl.load(ks_ptr))
+    q = q_smem.index(wg)
+    mbarrier.wait(q_bar, 0)
+    # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
+    for j in range(0, Nk // BLOCK_N):
+        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                    False, BLOCK_N, STAGES, p_layout, o_layout)
+    for j in range(Nk // BLOCK_N, n_blocks):
+        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                    True, BLOCK_N, STAGES, p_layout, o_layout)
+    m_i, l_i, acc, ks = st
+
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    d = gl.arange(0, D, gl.SliceLayout(0, o_layout))
+    out = out * gl.load(VS + bhk.to(gl.int64) * D + d)[None, :]
+    orows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, o_layout))
+    o_ptrs = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + orows[:, None].to(gl.int64) * son + d[None, :]
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(orows < Nq)[:, None])
+    if STORE_LSE:
+        gl.store(LSE + bh.to(gl.int64) * Nq + qrows, (m_i + gl.log2(l_i) - P_SHIFT) * LN2, mask=qrows < Nq)
+
+
+@gluon.jit
+def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STORE_LSE: gl.constexpr,
+                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    gl.static_assert(D <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
+    gl.static_assert(BLOCK_M == 64)  # one warpgroup's MMA rows
+    gl.static_assert(CONSUMERS >= 1 and CONSUMERS <= 3)
+
+    q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BLOCK_N], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)  # the producer's expect-tx arrival
+        mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+
+    smem = (q_smem, (k_smem, v_smem))
+    bars = (q_bar, ready, empty)
+    ptrs = (QS, KS, VS, O, LSE, sob, soh, son)
+    sizes = (Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad)
+    descs = (q_desc, k_desc, v_desc)
+    # the default partition (num_warps=4) is consumer 0, the others are workers. Constexprs reach a partition
+    # only inside tuple literals (a tuple bound to a name first turns them into tensors), hence one call a count.
+    W0: gl.constexpr = 0
+    W1: gl.constexpr = 1
+    W2: gl.constexpr = 2
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))], [1], [PRODUCER_REGS])
+    elif CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))],
+            [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+def consumer_regs(consumers, maxnreg):
+    """Registers a consumer warpgroup gets from the CTA's pool (maxnreg for each of its 4·(consumers + 1) warps:
+    the producer's warp takes a whole warpgroup) once the producer has its share; setmaxnreg takes multiples
+    of 8."""
+    return (maxnreg * (consumers + 1) - PRODUCER_REGS.value) // consumers // 8 * 8
+
+
+@functools.cache
+def _triton_tested() -> bool:
+    return triton.__version__.startswith(TESTED_TRITON)
+
+
+def usable() -> bool:
+    """Whether this kernel may run here: the installed Triton is one it was measured with (or COMFY_SAGE_WS=1),
+    and COMFY_SAGE_WS is not 0."""
+    env = os.environ.get(ENV, "")
+    return env != "0" and (env == "1" or _triton_tested())
+
+
+def _descriptors(qz, dims, block_m, block_n):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, Hq, Hkv, Nq, Nk, D, DP = dims
+    q8, k8, v8 = qz.q8, qz.k8, qz.v8
+    lay = gl.NVMMASharedLayout.get_default_for
+    dq = TensorDescriptor(q8, [B * Hq * q8.shape[2], D], [q8.shape[3], 1], [block_m, D], lay([block_m, D], gl.int8))
+    dk = TensorDescriptor(k8, [B * Hkv * k8.shape[2], D], [k8.shape[3], 1], [block_n, D], lay([block_n, D], gl.int8))
+    dv = TensorDescriptor(v8, [B * Hkv * D, v8.shape[3]], [v8.shape[3], 1], [D, block_n],
+                          lay([D, block_n], gl.float8e4nv))
+    return dq, dk, dv
+
+
+def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg):
+    """Launch over the tensors from _quant.quantize (FP8 v, head dim 64 or 128 unpadded); `out` a [B, Hq, Nq, D]
+    view (last dim contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows."""
+    B, Hq, Hkv, Nq, Nk, D, DP = dims
+    if D != DP or D not in (64, 128) or block_m != 64 or qz.v8 is None or qz.q8.shape[3] != D:
+        raise ValueError(f"the warp-specialized kernel takes FP8 v and head dim 64 or 128 with 64-row tiles (got "
+                         f"head dim {D}, block_m {block_m})")
+    Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
+    dq, dk, dv = _descriptors(qz, dims, block_m, block_n)
+    rows = block_m * consumers
+    _attn_ws_kernel[(triton.cdiv(Nq_pad, rows), B * Hq)](
+        dq, dk, dv, qz.qs, qz.ks, qz.vs, out, lse if lse is not None else qz.qs,
+        out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=lse is not None, CONSUMERS=consumers, STAGES=stages,
+        CONSUMER_REGS=consumer_regs(consumers, maxnreg), num_warps=4, maxnreg=maxnreg)
