@@ -32,6 +32,26 @@ TESTED_TRITON = ("3.6.",)  # Gluon's API moves between releases; others run _att
 ENV = "COMFY_SAGE_WS"      # "0": never use this kernel (A/B runs, a way out); "1": also on untested Triton
 
 
+@triton.constexpr_function
+def mma_layout(n):
+    """The register layout of one warpgroup's wgmma accumulator, n columns wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
+
+
+@triton.constexpr_function
+def a_operand_layout(acc_layout):
+    """The layout of an 8-bit MMA's A operand in registers, P as the next MMA reads it from the accumulator."""
+    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
+
+
+@gluon.jit
+def quad_rows(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Zeros [BLOCK_M, 4] laid out as a Q·Kᵀ accumulator's per-thread row maxima: one column per lane quad,
+    which is also K's scale index (keys 8j + 2r + e share scale r)."""
+    s4 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout(BLOCK_N)).reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
+    return gl.max(gl.max(s4, 3), 1)
+
+
 @gluon.jit
 def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMERS: gl.constexpr,
               STAGES: gl.constexpr):
@@ -103,13 +123,10 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
     QS, KS, VS, O, LSE, sob, soh, son = ptrs
     Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad = sizes
     D: gl.constexpr = q_smem.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    # the [rows, 4 lane quads] layout of the per-thread row maxima (K's scale index is the thread's lane quad)
-    s4_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout).reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
-    r_layout: gl.constexpr = gl.max(gl.max(s4_zero, 3), 1).type.layout
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(D)
+    p_layout: gl.constexpr = a_operand_layout(o_layout)
+    r_layout: gl.constexpr = quad_rows(BLOCK_M, BLOCK_N).type.layout
     row_layout: gl.constexpr = gl.SliceLayout(1, r_layout)
 
     bh = gl.program_id(1)

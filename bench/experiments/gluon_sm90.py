@@ -16,6 +16,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from ...kernels._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
+from ...kernels._attention_ws import _descriptors, a_operand_layout, mma_layout, quad_rows
 
 
 @gluon.jit
@@ -86,13 +87,10 @@ def _attn_sm90(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son,
                STORE_LSE: gl.constexpr, P_SHIFT: gl.constexpr, K_STAGES: gl.constexpr,
                V_STAGES: gl.constexpr, AHEAD: gl.constexpr = True):
     gl.static_assert(D <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    # the [rows, 4 lane quads] layout of the per-thread row maxima (K's scale index r is the thread's lane quad)
-    s4_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout).reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
-    r_layout: gl.constexpr = gl.max(gl.max(s4_zero, 3), 1).type.layout
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(D)
+    p_layout: gl.constexpr = a_operand_layout(o_layout)
+    r_layout: gl.constexpr = quad_rows(BLOCK_M, BLOCK_N).type.layout
     row_layout: gl.constexpr = gl.SliceLayout(1, r_layout)
 
     pid_m = gl.program_id(0)
@@ -181,19 +179,6 @@ def _attn_sm90(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son,
         lrows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
         lse = (m_i + gl.log2(gl.convert_layout(l_row, row_layout)) - P_SHIFT) * LN2
         gl.store(LSE + bh.to(gl.int64) * Nq + lrows, lse, mask=lrows < Nq)
-
-
-def _descriptors(qz, dims, block_m, block_n):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    B, Hq, Hkv, Nq, Nk, D, DP = dims
-    q8, k8, v8 = qz.q8, qz.k8, qz.v8
-    lay = gl.NVMMASharedLayout.get_default_for
-    dq = TensorDescriptor(q8, [B * Hq * q8.shape[2], D], [q8.shape[3], 1], [block_m, D], lay([block_m, D], gl.int8))
-    dk = TensorDescriptor(k8, [B * Hkv * k8.shape[2], D], [k8.shape[3], 1], [block_n, D], lay([block_n, D], gl.int8))
-    dv = TensorDescriptor(v8, [B * Hkv * D, v8.shape[3]], [v8.shape[3], 1], [D, block_n],
-                          lay([D, block_n], gl.float8e4nv))
-    return dq, dk, dv
 
 
 def attention(qz, out, lse, *, dims, block_m, block_n, causal, num_warps=4, k_stages=3, v_stages=2, maxnreg=None,
