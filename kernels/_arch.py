@@ -60,7 +60,7 @@ _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
 # an SM and one CTA's softmax overlaps another's MMAs.
 _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8")}
 # FP8 full attention at head dim 128: one producer warp and three consumer warpgroups per CTA (twelve consumer
-# warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-12% over it on the H200 (bench/NOTES.md,
+# warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-10% over it on the H200 (bench/NOTES.md,
 # v9). At head dim 64 it measured 4% slower than the Triton kernel's four CTAs per SM: not used there.
 _HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128)),
                 (128, "fp16"): Tile(64, 128, 4, 2, True)})

@@ -5,6 +5,7 @@ Per attention module ("site"):
   * processors that call diffusers' dispatcher get `_attention_backend` = one of our registered backends;
   * processors that call F.scaled_dot_product_attention themselves are wrapped (`SageSDPAProcessor`);
   * anything else (e.g. a processor doing its own math) is left alone and listed in `SageReport.skipped`.
+Wan's self-attention modules also get their q/k rotation in one Triton pass (`wan_rope`, `fuse_rope=True`).
 
 Blocks are numbered as the shared schedule model expects: a flat index in forward order over the model's
 top-level block lists (`blocks`, `transformer_blocks`, then `single_transformer_blocks`...), plus the group
@@ -376,8 +377,8 @@ def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "
     (relative L1 against exact attention), FP8 or FP16 P·V elsewhere (the fastest within budget). The first
     forward of each model measures (and runs exactly) unless a decision for its weights is saved in
     `calibration_dir` (default `kernels.calibrate.default_dir()`); `recalibrate=True` measures anyway.
-    fuse_rope: rotate Wan's q and k in one Triton pass instead of diffusers' torch ops (same values to one bf16
-    unit in the last place; `pipelines.wan_rope`); False leaves diffusers' rotation as it is.
+    fuse_rope: rotate Wan's q and k in one Triton pass instead of diffusers' torch ops (the same values but for
+    one bf16 unit in the last place in ~2e-5 of them; `pipelines.wan_rope`); False keeps diffusers' rotation.
     Returns one `SageReport` per model (`.calibrator.describe()`: the per-site decisions once made). Masks are
     honoured (exact fallback), never dropped.
     """
