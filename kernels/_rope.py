@@ -79,6 +79,12 @@ def rotate_pairs(x, freqs_cos, freqs_sin, tables=None):
     if not can_rotate(x):
         return _torch_rotate(x, freqs_cos[..., 0::2], freqs_sin[..., 1::2])
     c, s = tables if tables is not None else pair_tables(freqs_cos, freqs_sin)
+    return _op(x, c, s)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The custom op's implementation (an op, so that torch.compile keeps the launch whole)."""
+    B, N, H, D = x.shape
     try:
         words = x.view(torch.int32)  # needs the last dim contiguous and pairs 4-byte aligned
     except RuntimeError:
@@ -93,3 +99,16 @@ def rotate_pairs(x, freqs_cos, freqs_sin, tables=None):
         c.shape[0] > 1 else 0, DT=_DT[x.dtype], HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2),
         BLOCK_T=BLOCK_T, num_warps=4)
     return out.view(x.dtype)
+
+
+def _register():
+    try:
+        return torch.ops.comfy_sage.rotate_pairs
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("comfy_sage::rotate_pairs", _rotate, mutates_args=())
+    op.register_fake(lambda x, c, s: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return op
+
+
+_op = _register()

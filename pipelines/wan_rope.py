@@ -45,6 +45,7 @@ class FusedRope:
 
     def __init__(self, module):
         self.module = module
+        self.classes = _processor_classes()  # looked up once: torch.compile traces the hooks
         self.tables = None  # the call in progress: diffusers' (cos, sin) and their pair_tables()
         self.handles = [module.register_forward_pre_hook(self._take, with_kwargs=True),
                         module.norm_q.register_forward_hook(self._rotate),
@@ -56,8 +57,9 @@ class FusedRope:
         positional = len(args) > _ROTARY_ARG
         rot = args[_ROTARY_ARG] if positional else kwargs.get("rotary_emb")
         x = args[0] if args else kwargs.get("hidden_states")
-        if (rot is None or not applies(module) or not isinstance(x, torch.Tensor) or not can_rotate(x)
-                or (len(args) > 1 and args[1] is not None) or kwargs.get("encoder_hidden_states") is not None):
+        cross = (len(args) > 1 and args[1] is not None) or kwargs.get("encoder_hidden_states") is not None
+        if (rot is None or cross or type(module.processor) not in self.classes or not isinstance(x, torch.Tensor)
+                or not can_rotate(x)):
             return None  # nothing to rotate, or a call this module's processor handles itself
         self.tables = (*rot, pair_tables(*rot))  # once for q and k
         if positional:

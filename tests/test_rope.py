@@ -135,6 +135,34 @@ def test_wan_rotation_runs_once_in_our_pass(wan, monkeypatch):
         assert (wrong - ref).abs().max() > 0.05 * scale
 
 
+def test_wan_rotation_compiles_in_one_graph(wan):
+    """torch.compile(fullgraph=True) traces the hooks and keeps the rotation whole (a custom op): a graph break
+    would raise here."""
+    from comfy_sage.pipelines import disable_sage, enable_sage
+
+    inputs = wan_inputs(wan, seed=2)
+    x = wan.patch_embedding(inputs["hidden_states"]).flatten(2).transpose(1, 2)
+    rot = wan.rope(inputs["hidden_states"])
+    attn = wan.blocks[1].attn1
+    graphs = []
+
+    def keep(gm, example_inputs):  # the traced graph, run as it is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            enable_sage(wan)
+            eager = attn(x, None, None, rot)
+            compiled = torch.compile(attn, backend=keep, fullgraph=True)(x, None, None, rot)
+    finally:
+        disable_sage(wan)
+    assert torch.equal(compiled, eager)
+    ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.comfy_sage.rotate_pairs.default) == 2  # q and k, inside the one graph
+
+
 def test_disable_removes_every_hook_and_other_processors_are_left_alone(wan):
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
