@@ -157,7 +157,7 @@ def _backward(ctx, grad_out, grad_lse):
         scale = ctx.scale if ctx.scale > 0 else 1.0 / math.sqrt(q.shape[-1])
         group = qh.shape[1] // kh.shape[1]
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=ctx.is_causal, scale=scale,
-                                             enable_gqa=group > 1)
+                                             enable_gqa=bool(group > 1))  # a SymBool under dynamic shapes
         outs, grads = [out], [_to_hnd(grad_out, ctx.layout)]
         if grad_lse is not None and grad_lse.numel() and bool(grad_lse.ne(0).any()):
             kk = kh.repeat_interleave(group, dim=1) if group > 1 else kh
