@@ -79,7 +79,7 @@ def rotate_pairs(x, freqs_cos, freqs_sin, tables=None):
     if not can_rotate(x):
         return _torch_rotate(x, freqs_cos[..., 0::2], freqs_sin[..., 1::2])
     c, s = tables if tables is not None else pair_tables(freqs_cos, freqs_sin)
-    return _op(x, c, s)
+    return _op(x, c.contiguous(), s.contiguous())
 
 
 def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ diffusers' strided torch ops, which cost ~12 ms of a Wan-14B layer at 720p on th
 diffusers' WanAttnProcessor rotates q and k right after `attn.norm_q` / `attn.norm_k` when it is given
 `rotary_emb`. For a module whose processor is one of those classes, a pre-hook takes the tables out of the call
 (the processor then skips its own rotation) and forward hooks on the two norms rotate their outputs. The same
-values reach attention (within one unit in the last place, in ~1e-5 of the bf16 elements) and every path after
+values reach attention (but for one unit in the last place in ~2e-5 of the bf16 elements) and every path after
 the rotation (8-bit, exact fallbacks, calibration, context parallel) is unchanged. Where the Triton pass cannot
 run (a CPU without the interpreter), or for fp32 calls, the hooks leave the call alone.
 """
