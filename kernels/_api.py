@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from . import _arch
 from ._counters import count
+from ._ops import custom_op
 
 LAYOUTS = ("HND", "NHD")
 PV_CHOICES = ("auto", "fp16", "fp8", "fine")
@@ -173,19 +174,7 @@ def _backward(ctx, grad_out, grad_lse):
     return (*res, None, None, None, None, None)
 
 
-def _register():
-    """The custom op, registered once per process (a second import of the pack reuses it)."""
-    try:
-        return torch.ops.comfy_sage.sage_attention
-    except (AttributeError, RuntimeError):
-        pass
-    op = torch.library.custom_op("comfy_sage::sage_attention", _impl, mutates_args=())
-    op.register_fake(_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
-    return op
-
-
-_op = _register()
+_op = custom_op("sage_attention", _impl, _fake, (_backward, _setup_context))
 
 
 def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return_lse=False, pv="auto"):

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._arch import interpreting
+from ._ops import custom_op
 
 BLOCK_T = 16  # tokens per program: their table rows are loaded once and serve every head
 
@@ -101,14 +102,4 @@ def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return out.view(x.dtype)
 
 
-def _register():
-    try:
-        return torch.ops.comfy_sage.rotate_pairs
-    except (AttributeError, RuntimeError):
-        pass
-    op = torch.library.custom_op("comfy_sage::rotate_pairs", _rotate, mutates_args=())
-    op.register_fake(lambda x, c, s: torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return op
-
-
-_op = _register()
+_op = custom_op("rotate_pairs", _rotate, lambda x, c, s: torch.empty(x.shape, dtype=x.dtype, device=x.device))
