@@ -67,16 +67,17 @@ def _to_hnd(t, layout):
     return t if layout == "HND" else t.transpose(1, 2)
 
 
-def _warp_specialized(tile, causal, fp8_v, D, DP) -> bool:
-    """Whether a call runs the warp-specialized sm90 kernel: its tile names one, full attention, FP8 P·V, a head
-    dim needing no padding, bulk copies, and a Triton it was measured with (_attention_ws.usable)."""
+def _warp_specialized(tile, causal, fp8_v, D, DP):
+    """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, full attention, FP8
+    P·V, a head dim needing no padding, bulk copies, a Triton it was measured with: _attention_ws.usable), else
+    None."""
     if tile.ws is None or causal or not fp8_v or D != DP or not tile.tma:
-        return False
+        return None
     try:
         from . import _attention_ws
     except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
-        return False
-    return _attention_ws.usable()
+        return None
+    return _attention_ws if _attention_ws.usable() else None
 
 
 def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
@@ -111,13 +112,11 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
                              fp8_v=fp8_v, k_token=k_token)
-        if _warp_specialized(tile, is_causal, fp8_v, D, DP):
-            from . import _attention_ws
-
-            ws = tile.ws
-            _attention_ws.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                                    block_n=tile.block_n, consumers=ws.consumers, stages=ws.stages,
-                                    maxnreg=ws.maxnreg)
+        ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP)
+        if ws_kernel is not None:
+            ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                                block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
+                                maxnreg=tile.ws.maxnreg)
         else:
             _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                                  block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token,

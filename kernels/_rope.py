@@ -15,6 +15,7 @@ from ._arch import interpreting
 from ._ops import custom_op
 
 BLOCK_T = 16  # tokens per program: their table rows are loaded once and serve every head
+_DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # the 16-bit dtypes the kernel rotates
 
 
 @triton.jit
@@ -54,8 +55,6 @@ def can_rotate(x) -> bool:
     """Whether the Triton pass runs for this tensor: 16-bit, on a CUDA GPU or the interpreter on CPU."""
     return x.dtype in _DT and (x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()))
 
-
-_DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def pair_tables(freqs_cos, freqs_sin):
