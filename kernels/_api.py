@@ -1,10 +1,10 @@
 """`sage_attention`: argument checks, layout handling, the custom op and its straight-through backward."""
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from . import _arch
+from . import _arch, _fallback
 from ._counters import count
 from ._ops import custom_op
 
@@ -67,22 +67,24 @@ def _to_hnd(t, layout):
     return t if layout == "HND" else t.transpose(1, 2)
 
 
-def _warp_specialized(tile, causal, fp8_v, D, DP):
+def _warp_specialized(tile, causal, fp8_v, D, DP, config=()):
     """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, full attention, FP8
-    P·V, a head dim needing no padding, bulk copies, a Triton it was measured with: _attention_ws.usable), else
-    None."""
-    if tile.ws is None or causal or not fp8_v or D != DP or not tile.tma:
+    P·V, a head dim needing no padding, bulk copies, a Triton it was measured with: _attention_ws.usable, and it
+    has not failed here before), else None."""
+    if tile.ws is None or causal or not fp8_v or D != DP or not tile.tma or _fallback.failed(("ws", *config)):
         return None
     try:
         from . import _attention_ws
-    except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
+    except Exception as e:  # noqa: BLE001 - a Triton without Gluon, or with another Gluon API: the Triton kernel
+        _fallback.record(("ws", *config), e)
         return None
     return _attention_ws if _attention_ws.usable() else None
 
 
 def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
-    """The op's implementation; `tile` overrides the arch table (benchmark sweeps only)."""
-    B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
+    """The op's implementation: checks, then the 8-bit kernel, or exact attention where the kernel failed on this
+    config (`_fallback`). `tile` overrides the arch table (benchmark sweeps only; failures then raise)."""
+    shape = B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
     entry = _arch.arch_of(q.device)
     if entry is None:
         raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {q.device}); on CPU set "
@@ -91,6 +93,29 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
         pv = entry.pv_for(D)
     if pv == "fp8" and not entry.fp8:
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
+    # what one compilation serves: failures are remembered per config
+    config = (entry.name, str(q.dtype).replace("torch.", ""), f"D={D}", pv, "causal" if is_causal else "full",
+              layout, *(("lse",) if return_lse else ()))
+    if tile is None and _fallback.failed(config) is None:
+        try:
+            return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape)
+        except torch.cuda.OutOfMemoryError:
+            if _fallback.strict():
+                raise
+            count(_fallback.OUT_OF_MEMORY, "the 8-bit path's buffers did not fit; SDPA needs none")
+            return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
+        except Exception as e:  # noqa: BLE001 - compile, launch, resources, Triton API: never the user's workflow
+            if _fallback.strict():
+                raise
+            _fallback.record(config, e)
+    elif tile is not None:
+        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile)
+    count(_fallback.KERNEL_ERROR, "the 8-bit kernel failed on this config (see the log or `doctor`)")
+    return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
+
+
+def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile=None):
+    B, Hq, Hkv, Nq, Nk, D = shape
     from . import _attention, _quant  # triton is imported at first use, not with the package
 
     if entry.name == "interpret":
@@ -111,21 +136,30 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
-                             fp8_v=fp8_v, k_token=k_token)
-        ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP)
-        if ws_kernel is not None:
-            ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                                block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
-                                maxnreg=tile.ws.maxnreg)
+                             fp8_v=fp8_v, k_token=k_token, q_dot_kmean=return_lse)
+        triton_kernel = functools.partial(
+            _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+            block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, num_warps=tile.num_warps,
+            num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
+        ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
+        if ws_kernel is None:
+            triton_kernel()
         else:
-            _attention.attention(qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                                 block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token,
-                                 num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tile.tma,
-                                 maxnreg=tile.maxnreg)
+            try:
+                ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                                    block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
+                                    maxnreg=tile.ws.maxnreg)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work
+                if _fallback.strict():
+                    raise
+                _fallback.record(("ws", *config), e)
+                triton_kernel()
         if return_lse:
-            # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m.
-            km = qz.kmean[..., :D].repeat_interleave(Hq // Hkv, dim=1)
-            lse += scale * torch.einsum("bhnd,bhd->bhn", qh.float(), km)
+            # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m,
+            # which the quantization pass computed in fp32 from the unquantized q.
+            lse += scale * qz.qm[..., :Nq]
     count("int8-fine" if k_token else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 
@@ -156,7 +190,7 @@ def _backward(ctx, grad_out, grad_lse):
         qh, kh, vh = (_to_hnd(t, ctx.layout).detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         scale = ctx.scale if ctx.scale > 0 else 1.0 / math.sqrt(q.shape[-1])
         group = qh.shape[1] // kh.shape[1]
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=ctx.is_causal, scale=scale,
+        out = _fallback.exact_sdpa(qh, kh, vh, is_causal=ctx.is_causal, scale=scale,
                                              enable_gqa=bool(group > 1))  # a SymBool under dynamic shapes
         outs, grads = [out], [_to_hnd(grad_out, ctx.layout)]
         if grad_lse is not None and grad_lse.numel() and bool(grad_lse.ne(0).any()):

@@ -172,6 +172,10 @@ def doctor() -> dict:
         if entry.min_pairs_by:
             info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": n
                                                            for (d, c), n in entry.min_pairs_by.items()}
+    from . import _fallback
+
+    # what failed in this process (each such config runs exact SDPA); empty in a fresh `doctor` run
+    info["kernel_failures"] = _fallback.failures()
     return info
 
 

@@ -1,11 +1,15 @@
 """`sage_sdpa`: a drop-in for F.scaled_dot_product_attention that runs the 8-bit kernel where it applies and is
 faster, and SDPA itself (exactly) everywhere else, counting why."""
 import torch
-import torch.nn.functional as F
 
 from . import _arch
 from ._api import MAX_HEAD_DIM, _op
 from ._counters import count
+from ._fallback import exact_sdpa
+
+# Below 16 the 8-bit MMA (32 deep) mostly multiplies padding, and per-row scales outweigh what 8 bits save: the
+# buffers would pass 0.6x q+k+v.
+MIN_SDPA_HEAD_DIM = 16
 
 
 def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, scale=None, enable_gqa=False,
@@ -25,8 +29,8 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, scale=None
     if not (query.device == key.device == value.device):
         return "sdpa:device", "tensors on different devices"
     D = query.shape[-1]
-    if key.shape[-1] != D or value.shape[-1] != D or not 1 <= D <= MAX_HEAD_DIM:
-        return "sdpa:head_dim", f"head dim {D} (v {value.shape[-1]}) is outside what the kernel takes"
+    if key.shape[-1] != D or value.shape[-1] != D or not MIN_SDPA_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return "sdpa:head_dim", f"head dim {D} (v {value.shape[-1]}) is outside what the kernel takes or gains on"
     if key.shape[1] != value.shape[1] or key.shape[-2] != value.shape[-2] or key.shape[0] != query.shape[0]:
         return "sdpa:shape", "mismatched shapes (SDPA reports the error)"
     Hq, Hkv = query.shape[1], key.shape[1]
@@ -57,7 +61,9 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, scale=None
 
 def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               *, pv="auto"):
-    """Same arguments and result as F.scaled_dot_product_attention ([B, H, N, D] inputs)."""
+    """Same arguments and result as F.scaled_dot_product_attention ([B, H, N, D] inputs). Safe to install
+    globally (`F.scaled_dot_product_attention = sage_sdpa`): its exact calls go to the SDPA that was there
+    before (`_fallback.exact_sdpa`)."""
     why = fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if why is None:
         return _op(query, key, value, "HND", bool(is_causal), float(scale) if scale is not None else 0.0, pv,
@@ -65,5 +71,5 @@ def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if not torch.compiler.is_compiling():
         count(*why)
     kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, **kwargs)
+    return exact_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                      **kwargs)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import _arch
+from . import _arch, _fallback
 from ._api import sage_attention
 from ._counters import _store as _counter_store
 from .schedule import Schedule
@@ -71,6 +71,11 @@ def _uncounted():
         with _counter_store.lock:
             _counter_store.calls.clear()
             _counter_store.calls.update(saved)
+
+
+def _fallback_calls() -> int:
+    with _counter_store.lock:
+        return _counter_store.calls[_fallback.KERNEL_ERROR] + _counter_store.calls[_fallback.OUT_OF_MEMORY]
 
 
 def _reference(q, k, v, idx, scale, is_causal):
@@ -113,7 +118,8 @@ def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp
     q, k, v as `sage_attention` takes them (HND [B, H, N, D] or NHD), fp16/bf16. A variant whose output has a
     NaN or Inf measures `inf` (so does every variant when the exact output itself is not finite). Causal calls
     run the kernel on every row (a row's mask depends on its position) and compare the sampled rows only.
-    The kernel calls are not counted in `kernels.counters()`.
+    The kernel calls are not counted in `kernels.counters()`. A variant whose kernel failed here (it ran exact
+    SDPA instead: `_fallback`) measures `inf`, so calibration never picks it.
     """
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -131,11 +137,13 @@ def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp
         errors = {}
         with _uncounted():
             for pv in variants:
+                fell_back = _fallback_calls()
                 if is_causal:
                     out = sage_attention(q, k, v, is_causal=True, scale=scale, pv=pv).index_select(2, idx)
                 else:
                     out = sage_attention(qs, k, v, scale=scale, pv=pv)
-                errors[pv] = _rel_l1(out, ref) if ref_ok else math.inf
+                ran = _fallback_calls() == fell_back
+                errors[pv] = _rel_l1(out, ref) if ref_ok and ran else math.inf
     return errors
 
 

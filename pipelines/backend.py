@@ -34,8 +34,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..kernels import sage_attention, sage_sdpa
+from ..kernels import exact_sdpa, sage_attention, sage_sdpa
 from ..kernels import count, fallback_reason  # the same counters `kernels.counters()` reports
+from ..kernels._fallback import exact_with_lse
 
 PV_BY_BACKEND = {
     "comfy_sage": "auto",
@@ -46,9 +47,6 @@ PV_BY_BACKEND = {
 }
 BACKEND_BY_PV = {pv: name for name, pv in PV_BY_BACKEND.items()}
 PV_CHOICES = ("auto", "fp16", "fp8", "fine")
-
-# Bound the fp32 scores of the exact-with-LSE fallback (query chunks of at most this many score elements).
-_LSE_CHUNK_ELEMS = 1 << 26
 
 
 def check_pv(pv) -> str:
@@ -95,7 +93,7 @@ def _attend_kept_keys(q, k, v, kept, attn_mask, scale, kwargs, pv):
         if idx is not None and idx.numel() == 0:
             m = attn_mask[rows] if attn_mask.shape[0] > 1 else attn_mask
             count("sdpa:mask", "an attention mask is given (the 8-bit kernel takes none)")
-            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=scale, **kwargs))
+            outs.append(exact_sdpa(qb, kb, vb, attn_mask=m, scale=scale, **kwargs))
         else:
             if idx is not None:
                 n = idx.numel()
@@ -121,41 +119,11 @@ def attend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         if kept is not None:
             return _attend_kept_keys(q, k, v, kept, attn_mask, scale, kwargs, pv).transpose(1, 2)
     if pv is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                             scale=scale, **kwargs)
+        out = exact_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
     else:
         out = sage_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         pv=pv, **kwargs)
     return out.transpose(1, 2)
-
-
-def _exact_with_lse(q, k, v, attn_mask, is_causal, scale):
-    """Exact attention and its natural-log LSE in fp32 math. q: [B, H, Nq, D], k/v: [B, Hkv, Nk, D] (HND).
-    Returns out [B, H, Nq, D] in q's dtype and lse [B, H, Nq] fp32. Processed in query chunks to bound memory."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[-2]
-    if k.shape[1] != H:
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kf, vf = k.float(), v.float()
-    chunk = max(1, _LSE_CHUNK_ELEMS // max(1, B * H * Nk))
-    outs, lses = [], []
-    for s0 in range(0, Nq, chunk):
-        s1 = min(Nq, s0 + chunk)
-        s = torch.matmul(q[:, :, s0:s1].float(), kf.transpose(-1, -2)) * scale
-        if is_causal:
-            rows = torch.arange(s0, s1, device=q.device)[:, None]
-            cols = torch.arange(Nk, device=q.device)[None, :]
-            s = s.masked_fill(cols > rows, float("-inf"))
-        if attn_mask is not None:
-            m = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., s0:s1, :]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)  # fully masked rows: zero output, lse = -inf
-        outs.append(torch.matmul(p, vf))
-        lses.append(lse)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def attend_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -179,7 +147,7 @@ def attend_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         raise ValueError(f"comfy_sage: the attention mask covers {attn_mask.shape[-1]} keys but this attention "
                          f"sees {k.shape[-2]}: diffusers' ring attention does not split masks with the keys; use "
                          "ContextParallelConfig(ulysses_degree=...) for masked models")
-    out, lse = _exact_with_lse(q, k, v, attn_mask, is_causal, scale)
+    out, lse = exact_with_lse(q, k, v, attn_mask, is_causal, scale)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
@@ -208,8 +176,7 @@ def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=
     if query is None:
         q, k, v = (t.detach().transpose(1, 2).requires_grad_(True) for t in ctx.saved_tensors)
         with torch.enable_grad():
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=opts["is_causal"],
-                                               scale=opts["scale"])
+            o = exact_sdpa(q, k, v, attn_mask=mask, is_causal=opts["is_causal"], scale=opts["scale"])
             gq, gk, gv = torch.autograd.grad(o, (q, k, v), grad_out.transpose(1, 2))
         return gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)
     q, k, v, do, o = (t.transpose(1, 2).float() for t in (query, key, value, grad_out, out))
@@ -299,14 +266,11 @@ _patch = {"depth": 0, "orig": None}
 
 def _sdpa_shim(*args, **kwargs):
     pv = getattr(_tls, "pv", _UNSET)
-    orig = _patch["orig"]
-    if pv is _UNSET or pv is None:
-        return orig(*args, **kwargs)
-    _tls.pv = _UNSET  # sage_sdpa's own fallback calls F.scaled_dot_product_attention: send it to the original
-    try:
-        return sage_sdpa(*args, pv=pv, **kwargs)
-    finally:
-        _tls.pv = pv
+    if pv is _UNSET:
+        return _patch["orig"](*args, **kwargs)
+    if pv is None:  # exact by the schedule, even where the user installed sage_sdpa globally
+        return exact_sdpa(*args, **kwargs)
+    return sage_sdpa(*args, pv=pv, **kwargs)  # its exact calls go to exact_sdpa, never back here
 
 
 @contextlib.contextmanager
