@@ -15,7 +15,8 @@
   launch.
 
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
-masks) and to an 8-byte row stride along the head dim (the memory budget of 0.6x q+k+v holds for D=40 too).
+masks), not along the head dim. Extra memory: 0.5x q+k+v for the 8-bit copies plus 4 bytes per q row (and per k
+row with per-token scales, and per q row for the LSE's q·m): within 0.6x from head dim 16 (tests/test_kernels_gpu.py).
 """
 from dataclasses import dataclass
 
@@ -42,8 +43,17 @@ def _load_tile(ptrs, row_ok, d, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _quant_q(Q, Q8, QS, bh, b, h, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult,
-             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _k_mean(kbase, skn, Nk, d, D: tl.constexpr, DP: tl.constexpr, SAMPLE_N: tl.constexpr):
+    """K's smoothing vector: the mean of SAMPLE_N evenly spaced tokens (the same in every program that asks)."""
+    si = tl.arange(0, SAMPLE_N)
+    srows = (si.to(tl.int64) * Nk) // SAMPLE_N
+    return tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP), axis=0) / SAMPLE_N
+
+
+@triton.jit
+def _quant_q(Q, Q8, QS, QM, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult, hk,
+             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_Q: tl.constexpr, SAMPLE_N: tl.constexpr,
+             Q_DOT_KMEAN: tl.constexpr):
     # q: per-token scale, with softmax scale * log2(e) folded in.
     d = tl.arange(0, DP)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -55,6 +65,9 @@ def _quant_q(Q, Q8, QS, bh, b, h, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult,
     base = (bh.to(tl.int64) * Nq_pad + rows) * DS
     tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
     tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
+    if Q_DOT_KMEAN:  # q·m in fp32 from the unquantized q: what the LSE lacks after K's smoothing
+        m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N)
+        tl.store(QM + bh.to(tl.int64) * Nq_pad + rows, tl.sum(x * m[None, :], axis=1))
 
 
 @triton.jit
@@ -66,9 +79,7 @@ def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
     d = tl.arange(0, DP)
     rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    si = tl.arange(0, SAMPLE_N)
-    srows = (si.to(tl.int64) * Nk) // SAMPLE_N
-    mean = tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP), axis=0) / SAMPLE_N
+    mean = _k_mean(kbase, skn, Nk, d, D, DP, SAMPLE_N)
     x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
     x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
     base = (bh.to(tl.int64) * Nk_pad + rows) * DS
@@ -110,19 +121,21 @@ def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
 
 
 @triton.jit
-def _quant_kernel(Q, K, V, Q8, QS, K8, KS, KM, V8, VS,
+def _quant_kernel(Q, K, V, Q8, QS, QM, K8, KS, KM, V8, VS,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr,
-                  K_TOKEN: tl.constexpr):
+                  K_TOKEN: tl.constexpr, Q_DOT_KMEAN: tl.constexpr):
     # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
     if role == 0:
         if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
-            _quant_q(Q, Q8, QS, bh, bh // Hq, bh % Hq, pid, sqb, sqh, sqn, Nq, Nq_pad, q_mult, D, DP, DS, BLOCK_Q)
+            h = bh % Hq
+            _quant_q(Q, Q8, QS, QM, K, bh, bh // Hq, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult,
+                     h // (Hq // Hkv), D, DP, DS, BLOCK_Q, SAMPLE_N, Q_DOT_KMEAN)
     elif (pid * BLOCK_K < Nk_pad) & (bh < BHkv):
         if role == 1:
             _quant_k(K, K8, KS, KM, bh, bh // Hkv, bh % Hkv, pid, skb, skh, skn, Nk, Nk_pad, D, DP, DS, BLOCK_K,
@@ -140,6 +153,7 @@ class Quantized:
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
+    qm: torch.Tensor | None   # [B, Hq, Nq_pad] fp32, q · kmean (for the LSE)
 
 
 def _ceil(n: int, m: int) -> int:
@@ -147,10 +161,12 @@ def _ceil(n: int, m: int) -> int:
 
 
 def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
-             k_token: bool = False) -> Quantized:
-    """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP)."""
+             k_token: bool = False, q_dot_kmean: bool = False) -> Quantized:
+    """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP).
+    `q_dot_kmean`: also q · kmean per query row (`Quantized.qm`), what the LSE needs."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
-    DS = _ceil(D, 8)  # 8-byte rows; 16-byte ones (D % 16 == 0) also allow the bulk-copy (TMA) path
+    DS = D  # rows unpadded, so the buffers stay within 0.6x q+k+v at any head dim >= 16; the bulk-copy (TMA)
+    # path needs 16-byte rows (D % 16 == 0), the pointer path none
     Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
     dev = q.device
     q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)
@@ -159,21 +175,23 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
                      device=dev)
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
+    qm = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev) if q_dot_kmean else None
     if fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
         vs = torch.ones((B, Hkv, DP), dtype=torch.float32, device=dev)
-        # max |v| per channel without a temporary copy of v
-        amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)
+        # max |v| per channel from one reduction that allocates only its [B, Hkv, D] results (no copy of v)
+        vmin, vmax = torch.aminmax(v, dim=2)
+        amax = torch.maximum(vmax.float(), vmin.float().neg())
         vs[..., :D] = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     else:
         v8 = vs = None
     grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if fp8_v else 2)
     _quant_kernel[grid](
-        q, k, v, q8, qs, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
+        q, k, v, q8, qs, qm if q_dot_kmean else qs, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
         D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        num_warps=4,
+        Q_DOT_KMEAN=q_dot_kmean, num_warps=4,
     )
-    return Quantized(q8, qs, k8, ks, kmean, v8, vs)
+    return Quantized(q8, qs, k8, ks, kmean, v8, vs, qm)
