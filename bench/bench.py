@@ -1,4 +1,5 @@
-"""Kernel benchmark: `python -m comfy_sage bench` (needs a CUDA GPU).
+"""Kernel benchmark: `python -m comfy_sage bench` (on a machine without CUDA: the accuracy table alone, at a small
+size through Triton's interpreter).
 
 The grid and TOPS formula of shared/anchors/h100.md: fp16, HND, B = max(1, 16384 // N), H = 32 (D=64) or 24
 (D=128), TOPS = 4·B·H·N²·D / time, halved for causal; 8-bit columns include their own quantization. Every run
@@ -63,12 +64,12 @@ def _time(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def inputs(s, kind="randn", dtype=torch.float16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def inputs(s, kind="randn", dtype=torch.float16, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
     shape = (s["B"], s["H"], s["N"], s["D"])
-    q, k, v = (torch.randn(shape, device="cuda", generator=g) for _ in range(3))
+    q, k, v = (torch.randn(shape, device=device, generator=g) for _ in range(3))
     if kind == "kbias":  # per-channel offset shared by all tokens (std 8), q doubled
-        k = k + 8 * torch.randn((1, s["H"], 1, s["D"]), device="cuda", generator=g)
+        k = k + 8 * torch.randn((1, s["H"], 1, s["D"]), device=device, generator=g)
         q = q * 2
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
@@ -106,13 +107,13 @@ def speed(ms_, quick=False, names=None, rounds=3):
     return rows
 
 
-def accuracy(ms_):
+def accuracy(ms_, n=4096, heads=8, device="cuda"):
     rows = []
     for kind in ("randn", "kbias"):
         for D in (64, 128):
             for causal in (False, True):
-                s = dict(B=1, H=8, N=4096, D=D, causal=causal)
-                q, k, v = inputs(s, kind, seed=1)
+                s = dict(B=1, H=heads, N=n, D=D, causal=causal)
+                q, k, v = inputs(s, kind, seed=1, device=device)
                 with sdpa_kernel([SDPBackend.MATH]):
                     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
                 row = dict(kind=kind, D=D, causal=causal)
@@ -207,15 +208,30 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def cpu_accuracy(n=256, heads=2):
+    """No GPU: the accuracy table of the 8-bit paths at a small size, through Triton's interpreter (the same
+    arithmetic as on a GPU; short rows average fewer keys, so errors run a little higher than at N=4096)."""
+    if _arch.arch_of(torch.device("cpu")) is None:
+        print("bench: no CUDA GPU, and TRITON_INTERPRET=0 keeps the kernels off the CPU: nothing to measure")
+        return 2
+    print(f"No CUDA GPU: speed needs one. Accuracy against fp32 (cosine, relative L1, RMSE) through Triton's "
+          f"interpreter, B=1, H={heads}, N={n}:", flush=True)
+    accuracy({f"sage_{pv}": (lambda pv: lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv=pv))(pv)
+              for pv in ("fp16", "fp8", "fine")}, n=n, heads=heads, device="cpu")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comfy_sage bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="N in {4096, 16384} only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--sweep", action="store_true", help="tile sweep at N=16384 instead of the grid")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--cpu-n", type=int, default=256, help="sequence length of the accuracy table on a machine "
+                    "without CUDA (Triton's interpreter)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench needs a CUDA GPU; `python -m comfy_sage doctor` says what this machine has")
+        return cpu_accuracy(args.cpu_n)
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), doctor=_arch.doctor())
     import triton
 

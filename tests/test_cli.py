@@ -1,0 +1,53 @@
+"""`python -m comfy_sage ...` on a CPU-only machine with no environment variable set: every command runs (the
+kernels through Triton's interpreter where a command needs them), `--help` exits 0."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
+
+
+def cli(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMFY_SAGE_STRICT")}
+    return subprocess.run([sys.executable, "-m", "comfy_sage", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=os.path.dirname(__file__))
+
+
+def test_help_lists_every_command_and_exits_0():
+    from comfy_sage.__main__ import COMMANDS
+
+    for flag in ("--help", "-h"):
+        r = cli(flag)
+        assert r.returncode == 0, r.stderr
+        for name, what in COMMANDS.items():
+            assert name in r.stdout and what.split(" (")[0][:40] in r.stdout
+    r = cli()
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = cli("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+def test_attention_runs_the_kernel_through_the_interpreter():
+    r = cli("attention", "--n", "40", "--head-dim", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Triton interpreter" in r.stdout and "'int8-fp8pv': 1" in r.stdout
+    assert float(r.stdout.split("relative L1 vs fp32 = ")[1].split(";")[0]) < 0.1
+
+
+def test_doctor_and_bench():
+    r = cli("doctor")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["gpu"] is None and info["path"] == "sdpa" and info["triton"]
+    r = cli("bench", "--cpu-n", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8 and "speed needs one" in r.stdout
+    assert all("'sage_fp8': [0.99" in row for row in rows)
+    for command in ("video", "image", "attention", "bench", "doctor"):
+        r = cli(command, "--help")
+        assert r.returncode == 0 and "usage" in r.stdout, (command, r.stderr[-500:])
