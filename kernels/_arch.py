@@ -55,6 +55,9 @@ def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
 
 
 _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
+# sm89 and sm120 (FP8 through mma.sync, 99 KB of shared memory): Ampere's tiles, but FP8 P·V at head dim 256 takes
+# 32-key blocks; with 64 it spills 240-1432 B a thread at 255 registers, 32 spills nothing (bench/arch_check.py).
+_ADA = {**_AMPERE, (256, "fp8"): Tile(64, 32, 8, 2)}
 # sm90, from the tile sweeps in bench/NOTES.md (H100, N=16384): one warpgroup per 64 query rows, 128-key blocks
 # through the bulk-copy engine, registers capped so that three (head dim 128) or four (head dim <= 64) CTAs share
 # an SM and one CTA's softmax overlaps another's MMAs.
@@ -70,7 +73,7 @@ _HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128) for d in (32, 64)})
 ARCHES = {
     "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
     "sm86": ArchEntry("sm86", False, "fp16", "RTX 30xx: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
-    "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
+    "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _ADA, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.2-1.3x "
                       "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.010 for FP16 P·V, which pv='fp16' or "
                       "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192,
@@ -81,7 +84,7 @@ ARCHES = {
                       # H200, head dim 128, full: 24 heads x 4608² (Flux at 1024²) and 40 x 4096² measured slower
                       # or even in 8-bit, 24 x 6144² and 48 x 4608² (>= 9e8 pairs) 7-10% faster
                       min_total_pairs=700_000_000),
-    "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _AMPERE, 1 << 22),
+    "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
     "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",
                            _tiles(Tile(32, 32, 4, 1), Tile(32, 32, 4, 1), Tile(16, 32, 4, 1)), 0),
