@@ -75,6 +75,7 @@ def ws_supported():
 def configs(archs=ARCHS, ws=None):
     """Every compile the table can make: dicts naming the kernel and its parameters."""
     arch_table = _sass().kernel_module("_arch")
+    quant_warps = _sass().kernel_module("_quant").quant_warps
     ws = ws_supported() if ws is None else ws
     out, quant_seen = [], set()
     for name in archs:
@@ -93,7 +94,8 @@ def configs(archs=ARCHS, ws=None):
                 key = (name, dp, tile.block_m, tile.block_n, pv)
                 if key not in quant_seen:
                     quant_seen.add(key)
-                    out.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", num_warps=4))
+                    out += [dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", lse=lse,
+                                 num_warps=quant_warps(dp)) for lse in (False, True)]
     return out
 
 
@@ -101,6 +103,8 @@ def label(c):
     s = f"{c['kernel']} {c['arch']} hd{c['head_dim']} {c['pv']}"
     if c["kernel"] != "quant":
         s += " causal" if c["causal"] else " full"
+    elif c.get("lse"):
+        s += " lse"
     return s
 
 
@@ -129,7 +133,8 @@ def compile_one(c):
                 stages=c["num_stages"], maxnreg=c["maxnreg"], k_token=c["pv"] == "fine", tma=c["tma"])
         elif c["kernel"] == "quant":
             k = sass.compile_quant(sass.kernel_module("_quant")._quant_kernel, arch=c["cap"], D=c["head_dim"],
-                                   block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"])
+                                   block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"],
+                                   warps=c["num_warps"], lse=c.get("lse", False))
         else:
             ws = sass.kernel_module("_attention_ws")
             k = sass.compile_ws(ws._attn_ws_kernel, D=c["head_dim"], block_m=c["block_m"], block_n=c["block_n"],
@@ -220,7 +225,8 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
         base = dict(arch=arch, cap=int(arch[2:]), head_dim=head_dim, pv=pv, block_m=bm, block_n=bn)
         todo += [dict(base, kernel="attn", causal=c, num_warps=w, num_stages=st, tma=False, maxnreg=mr)
                  for c in (False, True)]
-        todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", num_warps=4))
+        todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine",
+                         num_warps=_sass().kernel_module("_quant").quant_warps(head_dim)))
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     results = _pool_map(todo, jobs, log)

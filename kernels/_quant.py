@@ -173,6 +173,12 @@ class Quantized:
     qm: torch.Tensor | None   # [B, Hq, Nq_pad] fp32, q · kmean (for the LSE)
 
 
+def quant_warps(head_dim_bucket: int) -> int:
+    """Warps of the quantization launch: with 4, a [64 or 128, >= 128] tile ran out of registers (255 and 96-184
+    B of spill on sm89/sm90, bench/arch_check.py); 8 halves the registers and spills nothing."""
+    return 8 if head_dim_bucket >= 128 else 4
+
+
 def _ceil(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -211,6 +217,6 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
         D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        Q_DOT_KMEAN=q_dot_kmean, num_warps=4,
+        Q_DOT_KMEAN=q_dot_kmean, num_warps=quant_warps(DP),
     )
     return Quantized(q8, qs, k8, ks, kmean, v8, vs, qm)
