@@ -37,11 +37,6 @@ def _mma_a_order(p):
     return p.reshape(M, N // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(M, N)
 
 
-@triton.constexpr_function
-def _log2(n):
-    return int(n).bit_length() - 1
-
-
 @triton.jit
 def _max_tree(x):
     """Max over axis 1 of [M, G, R] by halving G: log2(G) dependent steps instead of a G-long chain of dependent
@@ -49,8 +44,12 @@ def _max_tree(x):
     M: tl.constexpr = x.shape[0]
     R: tl.constexpr = x.shape[2]
     G: tl.constexpr = x.shape[1]
-    for i in tl.static_range(_log2(G)):
-        x = tl.max(x.reshape(M, 2, G >> (i + 1), R), 1)
+    tl.static_assert(G <= 256, "_max_tree unrolls at most 8 halvings")
+    # A fixed unrolled bound and a compile-time `if` rather than static_range(log2(G)): a constexpr's log2 needs
+    # triton.constexpr_function, which Triton 3.2-3.4 lack. The untaken steps emit nothing (same SASS, Triton 3.6).
+    for i in tl.static_range(8):
+        if (G >> i) > 1:
+            x = tl.max(x.reshape(M, 2, G >> (i + 1), R), 1)
     return x.reshape(M, R)
 
 
