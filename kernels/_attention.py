@@ -2,8 +2,8 @@
 
 One source for causal and full attention, every head dim, both P·V types and both ways of loading tiles: the
 differences are constexpr. Reads the padded tensors written by _quant.py (no masks on q/k loads) and, on the
-16-bit path, the user's v. With USE_TMA (sm90+) tiles come through tensor descriptors (the bulk-copy engine,
-which zero-fills past the head dim and the last token); otherwise through pointer loads.
+16-bit path, the user's v. With USE_TMA (sm90+, Triton 3.4+) tiles come through tensor descriptors (the bulk-copy
+engine, which zero-fills past the head dim and the last token); otherwise through pointer loads.
 """
 import triton
 import triton.language as tl
@@ -199,7 +199,10 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
-    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma else None
+    from ._compat import has_tensor_descriptors  # here: bench/sass.py loads this module alone
+
+    # tma on a Triton without tensor descriptors (before 3.4): the same tile through pointer loads
+    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma and has_tensor_descriptors() else None
     if srcs is None:
         srcs = (qz.q8, qz.k8, qz.v8 if fp8_v else v)
     grid = (Nq_pad // block_m, B * Hq)
