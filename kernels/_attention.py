@@ -199,7 +199,7 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
-    from ._compat import has_tensor_descriptors  # here: bench/sass.py loads this module alone
+    from ._compat import has_tensor_descriptors, launch_options  # here: bench/sass.py loads this module alone
 
     # tma on a Triton without tensor descriptors (before 3.4): the same tile through pointer loads
     srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma and has_tensor_descriptors() else None
@@ -213,5 +213,5 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None, P_SHIFT=P_SHIFT_FP8 if fp8_v else 0.0,
         USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(maxnreg),
     )

@@ -16,3 +16,12 @@ def has_tensor_descriptors() -> bool:
     except ImportError:
         return False
     return True
+
+
+def launch_options(maxnreg=None) -> dict:
+    """Compile options every launch of ours passes, meaning the same on each Triton:
+    - enable_fp_fusion=True (a·b + c as one FMA: the softmax's instruction counts in bench/NOTES.md and the rope
+      kernel's rounding assume it). Triton 3.9 warns that its default turns fusion off in 3.10; stating it keeps
+      today's code and silences the warning. Accepted by every Triton since 3.2 (and ignored by the interpreter).
+    - maxnreg (a register cap per thread, every Triton since 3.2), only when set."""
+    return {"enable_fp_fusion": True, **({"maxnreg": maxnreg} if maxnreg else {})}

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import launch_options
+
 LOG2E = 1.4426950408889634
 SAMPLE = 64          # tokens averaged for the K smoothing vector
 FP8_MAX = 448.0      # largest finite float8 e4m3fn
@@ -174,6 +176,6 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
         D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        num_warps=4,
+        num_warps=4, **launch_options(),
     )
     return Quantized(q8, qs, k8, ks, kmean, v8, vs)
