@@ -2,8 +2,8 @@
 
 One source for causal and full attention, every head dim, both P·V types and both ways of loading tiles: the
 differences are constexpr. Reads the padded tensors written by _quant.py (no masks on q/k loads) and, on the
-16-bit path, the user's v. With USE_TMA (sm90+) tiles come through tensor descriptors (the bulk-copy engine,
-which zero-fills past the head dim and the last token); otherwise through pointer loads.
+16-bit path, the user's v. With USE_TMA (sm90+, Triton 3.4+) tiles come through tensor descriptors (the bulk-copy
+engine, which zero-fills past the head dim and the last token); otherwise through pointer loads.
 """
 import triton
 import triton.language as tl
@@ -37,11 +37,6 @@ def _mma_a_order(p):
     return p.reshape(M, N // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(M, N)
 
 
-@triton.constexpr_function
-def _log2(n):
-    return int(n).bit_length() - 1
-
-
 @triton.jit
 def _max_tree(x):
     """Max over axis 1 of [M, G, R] by halving G: log2(G) dependent steps instead of a G-long chain of dependent
@@ -49,8 +44,12 @@ def _max_tree(x):
     M: tl.constexpr = x.shape[0]
     R: tl.constexpr = x.shape[2]
     G: tl.constexpr = x.shape[1]
-    for i in tl.static_range(_log2(G)):
-        x = tl.max(x.reshape(M, 2, G >> (i + 1), R), 1)
+    tl.static_assert(G <= 256, "_max_tree unrolls at most 8 halvings")
+    # A fixed unrolled bound and a compile-time `if` rather than static_range(log2(G)): a constexpr's log2 needs
+    # triton.constexpr_function, which Triton 3.2-3.4 lack. The untaken steps emit nothing (same SASS, Triton 3.6).
+    for i in tl.static_range(8):
+        if (G >> i) > 1:
+            x = tl.max(x.reshape(M, 2, G >> (i + 1), R), 1)
     return x.reshape(M, R)
 
 
@@ -200,7 +199,10 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
-    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma else None
+    from ._compat import has_tensor_descriptors, launch_options  # here: bench/sass.py loads this module alone
+
+    # tma on a Triton without tensor descriptors (before 3.4): the same tile through pointer loads
+    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma and has_tensor_descriptors() else None
     if srcs is None:
         srcs = (qz.q8, qz.k8, qz.v8 if fp8_v else v)
     grid = (Nq_pad // block_m, B * Hq)
@@ -211,5 +213,5 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None, P_SHIFT=P_SHIFT_FP8 if fp8_v else 0.0,
         USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(maxnreg),
     )

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import launch_options
+
 LOG2E = 1.4426950408889634
 SAMPLE = 64          # tokens averaged for the K smoothing vector
 FP8_MAX = 448.0      # largest finite float8 e4m3fn
@@ -206,7 +208,7 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         blk = max(16, 4096 // DP)
         _v_amax_kernel[(triton.cdiv(Nk, blk * V_AMAX_BLOCKS), B * Hkv)](
             v, amax, v.stride(0), v.stride(1), v.stride(2), Hkv, Nk, D=D, DP=DP, BLOCK_K=blk, BLOCKS=V_AMAX_BLOCKS,
-            num_warps=4)
+            num_warps=4, **launch_options())
         vs = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     else:
         v8 = vs = None
@@ -217,6 +219,6 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
         D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        Q_DOT_KMEAN=q_dot_kmean, num_warps=quant_warps(DP),
+        Q_DOT_KMEAN=q_dot_kmean, num_warps=quant_warps(DP), **launch_options(),
     )
     return Quantized(q8, qs, k8, ks, kmean, v8, vs, qm)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._arch import interpreting
+from ._compat import launch_options
 from ._ops import custom_op
 
 BLOCK_T = 16  # tokens per program: their table rows are loaded once and serve every head
@@ -97,7 +98,7 @@ def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     _rotate_kernel[(triton.cdiv(N, BLOCK_T), B)](
         words, c, s, out, N, H, words.stride(0), words.stride(1), words.stride(2), c.stride(0) if B > 1 and
         c.shape[0] > 1 else 0, DT=_DT[x.dtype], HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2),
-        BLOCK_T=BLOCK_T, num_warps=4)
+        BLOCK_T=BLOCK_T, num_warps=4, **launch_options())
     return out.view(x.dtype)
 
 

@@ -307,10 +307,13 @@ def test_warp_specialized_kernel_routing(monkeypatch):
     copies, a tested Triton, COMFY_SAGE_WS not 0), and that _forward hands it the tile's settings and the LSE. The
     kernel is Gluon, which the interpreter does not run: here a stand-in runs the Triton kernel on the same
     quantized inputs; tests/test_kernels_gpu.py compares the real one on a GPU."""
-    from comfy_sage.kernels import _attention_ws
-
     ws = _arch.WarpSpec(3, 2, 128)
     tile = _arch.Tile(32, 32, 4, 1, True, None, ws)
+    try:
+        from comfy_sage.kernels import _attention_ws
+    except (ImportError, AttributeError) as e:  # a Triton without Gluon (< 3.4) or with another Gluon API
+        assert _api._warp_specialized(tile, False, True, 64, 64) is None
+        pytest.skip(f"this Triton cannot import the Gluon kernel ({e!r}): checked only that calls run the Triton one")
     monkeypatch.delenv(_attention_ws.ENV, raising=False)
     monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: True)
     assert _api._warp_specialized(tile, False, True, 64, 64)
