@@ -146,3 +146,56 @@ def test_warp_specialized_kernel_matches_the_triton_kernel(B, Hq, Hkv, Nq, Nk, D
     assert rel_l1(ws, ref) <= 0.0385 and cosine(ws, ref) >= 0.999
     assert abs(rel_l1(ws, ref) - rel_l1(tr, ref)) <= 0.001  # the same arithmetic but for FP32 row sums
     assert (ws_lse - ref_lse).abs().max() <= 0.02 and (ws_lse - tr_lse).abs().max() <= 0.02
+
+
+@pytest.mark.parametrize("D", [16, 40, 64, 72, 128, 256])
+@pytest.mark.parametrize("layout", ["HND", "NHD", "NHD-view"])
+def test_extra_memory_within_contract(layout, D):
+    """Every P·V path, with and without the LSE, allocates at most 0.6x the bytes of q+k+v beyond its results
+    (bench/memory.py measures the whole grid and the peers)."""
+    from comfy_sage.bench.memory import CONTRACT, OURS, extra, make
+
+    q, k, v = make(layout, 1, 8, 4097, D)
+    for name, kw in OURS.items():
+        pv = name.split("+")[0]
+        assert extra(lambda: sage_attention(q, k, v, layout=layout[:3], pv=pv, **kw), q, k, v) <= CONTRACT, name
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm86", "sm89", "sm120"])
+def test_every_arch_table_runs_correctly_here(arch, monkeypatch):
+    """Each arch's table (tiles, warps, stages, its P·V choices) compiled for this GPU and run against fp32: the
+    configs our users' GPUs get, checked on the one we have (their own targets are compiled offline by
+    bench/arch_check.py)."""
+    monkeypatch.setattr(_arch, "_cuda_arch_key", lambda index: arch)
+    entry = _arch.ARCHES[arch]
+    for D in (64, 128, 256):
+        for causal in (False, True):
+            q, k, v = make_qkv(1, 4, 2, 1500, 1500, D, device="cuda", seed=D)
+            ref, ref_lse = exact(q, k, v, causal)
+            for pv in ("auto", "fp16", "fine", *(("fp8",) if entry.fp8 else ())):
+                out, lse = sage_attention(q, k, v, is_causal=causal, pv=pv, return_lse=True)
+                err = rel_l1(out, ref)
+                assert err < (0.045 if (pv == "fp8" or (pv == "auto" and entry.pv_for(D) == "fp8")) else 0.02), \
+                    (D, causal, pv, err)
+                assert (lse - ref_lse).abs().max() < 0.05
+
+
+def test_a_real_launch_failure_falls_back(monkeypatch):
+    """A tile this GPU cannot hold (shared memory) fails inside Triton's launch: the call runs exact SDPA."""
+    from comfy_sage.kernels import _fallback
+
+    monkeypatch.setenv(_fallback.STRICT_ENV, "0")
+    entry = _entry()
+    huge = _arch.Tile(256, 256, 8, 4)
+    monkeypatch.setitem(entry.tiles, (256, "fp16"), huge)
+    _fallback.forget()
+    kernels.reset_counters()
+    q, k, v = make_qkv(1, 2, 2, 1024, 1024, 256, device="cuda")
+    try:
+        out = sage_attention(q, k, v, pv="fp16")
+        failures = _fallback.failures()
+    finally:
+        _fallback.forget()
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert kernels.counters() == {"sdpa:kernel_error": 1}
+    assert any("OutOfResources" in t or "shared" in t.lower() for t in failures.values()), failures
