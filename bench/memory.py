@@ -34,14 +34,16 @@ def make(layout, B, H, N, D, seed=0):
 
 
 def extra(fn, q, k, v):
-    """(peak bytes beyond the inputs and the results) / bytes of q+k+v, after one warm-up call (compilation)."""
+    """(peak bytes beyond the inputs and the results) / bytes of q+k+v, after one warm-up call (compilation).
+    Bytes as requested: the caching allocator's block counts can include an unsplit remainder of up to 1 MB per
+    allocation, which is its bookkeeping, not memory the call asked for."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_stats()["requested_bytes.all.current"]
     res = fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
     kept = sum(t.untyped_storage().nbytes() for t in (res if isinstance(res, tuple) else (res,)))
     qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
     return round((peak - kept) / qkv, 4)

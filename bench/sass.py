@@ -81,7 +81,7 @@ def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse
     """_quant._quant_kernel as _quant.quantize launches it (fp16 q, k, v; num_stages left at Triton's default)."""
     types_ = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if fp8_v else "*i8",
               "q_mult": "fp32"}
-    types_.update({k: "*fp32" for k in ("QS", "QM", "KS", "KM", "VS")})
+    types_.update({k: "*fp32" for k in ("QS", "LSE", "KS", "KM", "VS")})
     const = dict(D=D, DP=D, DS=D, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=64, QUANT_V=fp8_v, K_TOKEN=k_token,
                  Q_DOT_KMEAN=lse)
     return _compile(fn, arch, types_, const, {"num_warps": warps})

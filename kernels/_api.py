@@ -136,7 +136,7 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
-                             fp8_v=fp8_v, k_token=k_token, q_dot_kmean=return_lse)
+                             fp8_v=fp8_v, k_token=k_token, lse=lse)
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, num_warps=tile.num_warps,
@@ -156,10 +156,6 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
                     raise
                 _fallback.record(("ws", *config), e)
                 triton_kernel()
-        if return_lse:
-            # The kernel saw keys minus the smoothing vector m: every score of row i is short by scale * q_i·m,
-            # which the quantization pass computed in fp32 from the unquantized q.
-            lse += scale * qz.qm[..., :Nq]
     count("int8-fine" if k_token else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 

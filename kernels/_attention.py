@@ -169,7 +169,9 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * son + d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
     if STORE_LSE:
-        tl.store(LSE + bh.to(tl.int64) * Nq + rows, (m_i + tl.math.log2(l_i) - P_SHIFT) * LN2, mask=row_ok)
+        # the quantization pass left scale·q·m there (the part K's smoothing took out of every score)
+        lse_ptrs = LSE + bh.to(tl.int64) * Nq + rows
+        tl.store(lse_ptrs, tl.load(lse_ptrs, mask=row_ok) + (m_i + tl.math.log2(l_i) - P_SHIFT) * LN2, mask=row_ok)
 
 
 def _descriptors(qz, v, dims, block_m, block_n, fp8_v):

@@ -162,7 +162,8 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
     o_ptrs = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + orows[:, None].to(gl.int64) * son + d[None, :]
     gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(orows < Nq)[:, None])
     if STORE_LSE:
-        gl.store(LSE + bh.to(gl.int64) * Nq + qrows, (m_i + gl.log2(l_i) - P_SHIFT) * LN2, mask=qrows < Nq)
+        lse_ptrs = LSE + bh.to(gl.int64) * Nq + qrows  # holds scale·q·m from the quantization pass (_attention.py)
+        gl.store(lse_ptrs, gl.load(lse_ptrs, mask=qrows < Nq) + (m_i + gl.log2(l_i) - P_SHIFT) * LN2, mask=qrows < Nq)
 
 
 @gluon.jit

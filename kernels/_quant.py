@@ -16,7 +16,7 @@
 
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
 masks), not along the head dim. Extra memory: 0.5x q+k+v for the 8-bit copies plus 4 bytes per q row (and per k
-row with per-token scales, and per q row for the LSE's q·m): within 0.6x from head dim 16 (tests/test_kernels_gpu.py).
+row with per-token scales): within 0.6x from head dim 16 (tests/test_kernels_gpu.py, bench/memory.py).
 """
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ import triton.language as tl
 from ._compat import launch_options
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
 SAMPLE = 64          # tokens averaged for the K smoothing vector
 FP8_MAX = 448.0      # largest finite float8 e4m3fn
 V_AMAX_BLOCKS = 8    # token blocks per program of the V maximum pass (fewer atomics per channel)
@@ -54,7 +55,7 @@ def _k_mean(kbase, skn, Nk, d, D: tl.constexpr, DP: tl.constexpr, SAMPLE_N: tl.c
 
 
 @triton.jit
-def _quant_q(Q, Q8, QS, QM, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult, hk,
+def _quant_q(Q, Q8, QS, LSE, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult, hk,
              D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_Q: tl.constexpr, SAMPLE_N: tl.constexpr,
              Q_DOT_KMEAN: tl.constexpr):
     # q: per-token scale, with softmax scale * log2(e) folded in.
@@ -68,9 +69,11 @@ def _quant_q(Q, Q8, QS, QM, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, 
     base = (bh.to(tl.int64) * Nq_pad + rows) * DS
     tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
     tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
-    if Q_DOT_KMEAN:  # q·m in fp32 from the unquantized q: what the LSE lacks after K's smoothing
+    if Q_DOT_KMEAN:
+        # softmax scale · q·m in fp32 from the unquantized q: what the kernel's LSE lacks after K's smoothing,
+        # written into the LSE output, to which the attention kernel adds its own (no buffer of its own)
         m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N)
-        tl.store(QM + bh.to(tl.int64) * Nq_pad + rows, tl.sum(x * m[None, :], axis=1))
+        tl.store(LSE + bh.to(tl.int64) * Nq + rows, tl.sum(x * m[None, :], axis=1) * (q_mult * LN2), mask=rows < Nq)
 
 
 @triton.jit
@@ -124,7 +127,7 @@ def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
 
 
 @triton.jit
-def _quant_kernel(Q, K, V, Q8, QS, QM, K8, KS, KM, V8, VS,
+def _quant_kernel(Q, K, V, Q8, QS, LSE, K8, KS, KM, V8, VS,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
@@ -137,7 +140,7 @@ def _quant_kernel(Q, K, V, Q8, QS, QM, K8, KS, KM, V8, VS,
     if role == 0:
         if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
             h = bh % Hq
-            _quant_q(Q, Q8, QS, QM, K, bh, bh // Hq, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult,
+            _quant_q(Q, Q8, QS, LSE, K, bh, bh // Hq, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult,
                      h // (Hq // Hkv), D, DP, DS, BLOCK_Q, SAMPLE_N, Q_DOT_KMEAN)
     elif (pid * BLOCK_K < Nk_pad) & (bh < BHkv):
         if role == 1:
@@ -172,7 +175,6 @@ class Quantized:
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
-    qm: torch.Tensor | None   # [B, Hq, Nq_pad] fp32, q · kmean (for the LSE)
 
 
 def quant_warps(head_dim_bucket: int) -> int:
@@ -186,9 +188,10 @@ def _ceil(n: int, m: int) -> int:
 
 
 def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
-             k_token: bool = False, q_dot_kmean: bool = False) -> Quantized:
+             k_token: bool = False, lse: torch.Tensor | None = None) -> Quantized:
     """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP).
-    `q_dot_kmean`: also q · kmean per query row (`Quantized.qm`), what the LSE needs."""
+    `lse` ([B, Hq, Nq] fp32, the call's LSE output): receives scale · q·kmean per query row, the part of the LSE
+    that K's smoothing takes out; the attention kernel adds the rest."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     DS = D  # rows unpadded, so the buffers stay within 0.6x q+k+v at any head dim >= 16; the bulk-copy (TMA)
     # path needs 16-byte rows (D % 16 == 0), the pointer path none
@@ -200,7 +203,6 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
                      device=dev)
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
-    qm = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev) if q_dot_kmean else None
     if fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
         # max |v| per channel in our own pass: torch's reductions over the token axis allocated 4x v's bytes
@@ -214,11 +216,11 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         v8 = vs = None
     grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if fp8_v else 2)
     _quant_kernel[grid](
-        q, k, v, q8, qs, qm if q_dot_kmean else qs, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
+        q, k, v, q8, qs, qs if lse is None else lse, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
         D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        Q_DOT_KMEAN=q_dot_kmean, num_warps=quant_warps(DP), **launch_options(),
+        Q_DOT_KMEAN=lse is not None, num_warps=quant_warps(DP), **launch_options(),
     )
-    return Quantized(q8, qs, k8, ks, kmean, v8, vs, qm)
+    return Quantized(q8, qs, k8, ks, kmean, v8, vs)

@@ -18,6 +18,16 @@ from kernel_cases import make_qkv
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def eight_bit_at_any_length(monkeypatch):
+    """On a GPU sage_sdpa keeps SDPA below the arch table's crossovers; these tests' short calls must reach the
+    8-bit path."""
+    if DEV == "cuda":
+        entry = _arch.arch_of(torch.device("cuda"))
+        monkeypatch.setitem(_arch.ARCHES, entry.name,
+                            dataclasses.replace(entry, min_pairs=0, min_pairs_by={}, min_total_pairs=0))
+
+
 @pytest.fixture
 def broken(monkeypatch):
     """The Triton attention launch fails as on a GPU or Triton we never ran (out of shared memory). Returns the
