@@ -140,7 +140,7 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, num_warps=tile.num_warps,
-            num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg)
+            num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg)
         ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
         if ws_kernel is None:
             triton_kernel()

@@ -196,7 +196,7 @@ def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
 
 
 def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages, tma=False,
-              maxnreg=None, k_token=False):
+              maxnreg=None, k_token=False, pointer_maxnreg=None):
     """Launch over the tensors from _quant.quantize. `v` is the user's [B, Hkv, Nk, D] view on the 16-bit path;
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
@@ -204,12 +204,11 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
     from ._compat import has_tensor_descriptors, launch_options  # here: bench/sass.py loads this module alone
 
     # tma on a Triton without tensor descriptors (before 3.4), or rows the bulk-copy engine cannot take: the same
-    # tile through pointer loads, without the register cap set for the bulk-copy kernel (capped, the pointer path
-    # spills 96-240 B on sm90: bench/arch_check.py; uncapped, none)
+    # tile through pointer loads, with the tile's cap for that path (_arch.Tile.pointer_maxnreg)
     srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma and has_tensor_descriptors() else None
     if srcs is None:
         srcs = (qz.q8, qz.k8, qz.v8 if fp8_v else v)
-        maxnreg = None if tma else maxnreg
+        maxnreg = pointer_maxnreg if tma else maxnreg
     grid = (Nq_pad // block_m, B * Hq)
     _attn_kernel[grid](
         srcs[0], qz.qs, srcs[1], qz.ks, srcs[2], qz.vs if fp8_v else qz.ks, out, lse if lse is not None else qz.qs,

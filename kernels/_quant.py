@@ -177,6 +177,14 @@ class Quantized:
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
 
 
+def row_bytes(D: int) -> int:
+    """Bytes per int8 row of q8/k8: padded to 16 (what the bulk-copy path needs; H200, head dim 72: the pointer
+    path ran 0.88x cuDNN) where that adds at most an eighth, else unpadded, so the buffers stay within 0.6x
+    q+k+v at any head dim >= 16."""
+    padded = _ceil(D, 16)
+    return padded if padded * 8 <= D * 9 else D
+
+
 def quant_warps(head_dim_bucket: int) -> int:
     """Warps of the quantization launch: with 4, a [64 or 128, >= 128] tile ran out of registers (255 and 96-184
     B of spill on sm89/sm90, bench/arch_check.py); 8 halves the registers and spills nothing."""
@@ -193,8 +201,7 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     `lse` ([B, Hq, Nq] fp32, the call's LSE output): receives scale · q·kmean per query row, the part of the LSE
     that K's smoothing takes out; the attention kernel adds the rest."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
-    DS = D  # rows unpadded, so the buffers stay within 0.6x q+k+v at any head dim >= 16; the bulk-copy (TMA)
-    # path needs 16-byte rows (D % 16 == 0), the pointer path none
+    DS = row_bytes(D)
     Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
     dev = q.device
     q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)

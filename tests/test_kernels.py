@@ -344,3 +344,16 @@ def test_warp_specialized_kernel_routing(monkeypatch):
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing still applies
     _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("D,row", [(72, 80), (40, 40), (17, 17), (136, 144)])
+def test_int8_rows_padded_for_bulk_copies_where_cheap(D, row):
+    """q8/k8 rows are padded to 16 bytes where that adds at most an eighth (the bulk-copy path then takes head dim
+    72), else left unpadded (memory); both paths give the same result."""
+    assert _quant.row_bytes(D) == row
+    q, k, v = make_qkv(1, 2, 2, 40, 50, D, device=DEV, seed=D)
+    tma, ptr = (_api._forward(q, k, v, "HND", True, None, "fp8", True, tile=dataclasses.replace(TILE, tma=t))
+                for t in (True, False))
+    assert rel_l1(tma[0], ptr[0]) < 1e-3 and (tma[1] - ptr[1]).abs().max() < 1e-3
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu(), True)
+    assert rel_l1(tma[0].cpu(), ref) < 0.08

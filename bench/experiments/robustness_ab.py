@@ -7,7 +7,10 @@ process: `OUT=dir python -m comfy_sage.bench.experiments.robustness_ab`.
 - v_amax: the FP8 path's V channel maxima, our Triton pass against torch's aminmax (which allocated 4x v).
 - hd256_ada: sm89/sm120's head-dim-256 FP8 tile, 64-key blocks (spilled there) against 32, timed here on sm90
   (the only card we have: it says what the change costs in instructions, not what it costs on an RTX 40xx).
-Shapes: B=1, H=24, N=16384 (the grid's), fp16, full attention.
+- padded_dims: head dims whose int8 rows are padded to 16 bytes for the bulk-copy path (72 -> 80) or not (40),
+  and 80, through sage_attention, with cuDNN and the peers.
+Shapes: B=1, H=24, N=16384 (the grid's), fp16, full attention. SECTIONS=padded_dims (comma-separated) runs a
+subset.
 """
 import json
 import os
@@ -106,8 +109,26 @@ def hd256_ada(q, k, v):
     return rows
 
 
+def padded_dims():
+    rows = []
+    for D in (40, 72, 80):
+        q, k, v = _inputs(D)
+        rows += baselines(D, q, k, v)
+        rows.append(_row(D, "ours_fp16pv", _ms(lambda: sage_attention(q, k, v, pv="fp16"))))
+        rows.append(dict(D=D, variant="int8_row_bytes", value=_quant.row_bytes(D)))
+        for r in rows[-6:]:
+            print(r, flush=True)
+    return rows
+
+
 def main():
     out_dir = os.environ.get("OUT", ".")
+    if os.environ.get("SECTIONS") == "padded_dims":
+        rows = padded_dims()
+        env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), shape=dict(B=B, H=H, N=N))
+        with open(os.path.join(out_dir, "padded-dims.json"), "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1)
+        return
     real_warps = _quant.quant_warps
     rows = []
     for D in (40, 64, 72, 128):
