@@ -52,6 +52,9 @@ class ArchEntry:
         return self.min_pairs_by.get((head_dim_bucket(head_dim), bool(causal)), self.min_pairs)
 
 
+NEVER = 1 << 62  # a pair count no call reaches: sage_sdpa keeps SDPA
+
+
 def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
     return {(d, pv): (wide if d == 256 else big if d >= 128 else small)
             for d in (32, 64, 128, 256) for pv in ("fp16", "fp8")}
@@ -84,7 +87,10 @@ ARCHES = {
                       # crossovers with cuDNN in the H200 grid (bench/results, kernel v7): full attention gains
                       # from N=4096, causal from N=8192
                       min_pairs_by={(128, False): 4096 * 4096, (64, False): 4096 * 4096,
-                                    (32, False): 4096 * 4096},
+                                    (32, False): 4096 * 4096,
+                                    # head dim 256 (64x64 tiles, no bulk copies): 342 TOPS against cuDNN's 641 at
+                                    # N=16k (H200, v9.1): sage_sdpa keeps SDPA at every length
+                                    (256, False): NEVER, (256, True): NEVER},
                       # H200, head dim 128, full: 24 heads x 4608² (Flux at 1024²) and 40 x 4096² measured slower
                       # or even in 8-bit, 24 x 6144² and 48 x 4608² (>= 9e8 pairs) 7-10% faster
                       min_total_pairs=700_000_000),
@@ -177,8 +183,8 @@ def doctor() -> dict:
         if ws_dims:
             info["warp_specialized_full_attention"] = _ws_status(ws_dims)
         if entry.min_pairs_by:
-            info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": n
-                                                           for (d, c), n in entry.min_pairs_by.items()}
+            info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": "always" if n == NEVER
+                                                           else n for (d, c), n in entry.min_pairs_by.items()}
     from . import _fallback
 
     # what failed in this process (each such config runs exact SDPA); empty in a fresh `doctor` run
