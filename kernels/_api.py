@@ -96,7 +96,9 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     # what one compilation serves: failures are remembered per config
     config = (entry.name, str(q.dtype).replace("torch.", ""), f"D={D}", pv, "causal" if is_causal else "full",
               layout, *(("lse",) if return_lse else ()))
-    if tile is None and _fallback.failed(config) is None:
+    if tile is not None:  # a benchmark's tile: failures raise
+        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile)
+    if _fallback.failed(config) is None:
         try:
             return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape)
         except torch.cuda.OutOfMemoryError:
@@ -108,8 +110,6 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
             if _fallback.strict():
                 raise
             _fallback.record(config, e)
-    elif tile is not None:
-        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile)
     count(_fallback.KERNEL_ERROR, "the 8-bit kernel failed on this config (see the log or `doctor`)")
     return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
 
@@ -187,7 +187,7 @@ def _backward(ctx, grad_out, grad_lse):
         scale = ctx.scale if ctx.scale > 0 else 1.0 / math.sqrt(q.shape[-1])
         group = qh.shape[1] // kh.shape[1]
         out = _fallback.exact_sdpa(qh, kh, vh, is_causal=ctx.is_causal, scale=scale,
-                                             enable_gqa=bool(group > 1))  # a SymBool under dynamic shapes
+                                   enable_gqa=bool(group > 1))  # a SymBool under dynamic shapes
         outs, grads = [out], [_to_hnd(grad_out, ctx.layout)]
         if grad_lse is not None and grad_lse.numel() and bool(grad_lse.ne(0).any()):
             kk = kh.repeat_interleave(group, dim=1) if group > 1 else kh
