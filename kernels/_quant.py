@@ -172,7 +172,7 @@ class Quantized:
     qs: torch.Tensor      # [B, Hq, Nq_pad] fp32, includes softmax scale * log2(e)
     k8: torch.Tensor      # [B, Hkv, Nk_pad, DS] int8, smoothed
     ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n, 4] fp32, or [B, Hkv, Nk_pad] with k_token
-    kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (for the exact LSE)
+    kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (tests check it against the model)
     v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
     vs: torch.Tensor | None   # [B, Hkv, DP] fp32
 
