@@ -155,6 +155,7 @@ def doctor() -> dict:
         import triton
 
         info["triton"] = triton.__version__
+        info["triton_support"] = _triton_support(triton.__version__)
     except ImportError:
         info["triton"] = None
     if torch.cuda.is_available():
@@ -190,6 +191,18 @@ def doctor() -> dict:
     # what failed in this process (each such config runs exact SDPA); empty in a fresh `doctor` run
     info["kernel_failures"] = _fallback.failures()
     return info
+
+
+def _triton_support(version: str) -> str:
+    from ._compat import TESTED_TRITON, has_tensor_descriptors
+
+    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if major_minor < TESTED_TRITON[0]:
+        return "older than Triton 3.2: the kernels may not compile; each config that fails runs exact SDPA"
+    note = "" if has_tensor_descriptors() else "; no tensor descriptors (before 3.4): sm90 tiles use pointer loads"
+    if major_minor > TESTED_TRITON[1]:
+        return f"newer than the Triton 3.9 we tested: a config that fails to compile runs exact SDPA{note}"
+    return f"tested (Triton 3.2-3.9){note}"
 
 
 def _ws_status(dims) -> str:

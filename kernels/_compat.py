@@ -6,6 +6,8 @@ only on the Triton it was measured with.)
 """
 import functools
 
+TESTED_TRITON = ((3, 2), (3, 9))  # the oldest and newest release CI runs the kernels on (.ci/run)
+
 
 @functools.cache
 def has_tensor_descriptors() -> bool:

@@ -238,3 +238,14 @@ def test_global_replacement_under_torch_compile_fullgraph(monkeypatch):
     if _arch.arch_of(q.device):
         assert counters() == {"int8-fp8pv": 1}  # the 8-bit op ran inside the graph; the masked call is SDPA's
     torch._dynamo.reset()
+
+
+def test_doctor_states_where_this_triton_stands(monkeypatch):
+    from comfy_sage.kernels import _compat
+
+    assert _arch._triton_support("3.1.0").startswith("older than Triton 3.2")
+    assert _arch._triton_support("3.10.1").startswith("newer than the Triton 3.9")
+    monkeypatch.setattr(_compat, "has_tensor_descriptors", lambda: False)
+    assert _arch._triton_support("3.2.0") == ("tested (Triton 3.2-3.9); no tensor descriptors (before 3.4): sm90 "
+                                              "tiles use pointer loads")
+    assert "triton_support" in kernels.doctor()
