@@ -1,22 +1,29 @@
 """Offline arch check: compile every kernel config the arch table can run, for that arch, on a machine without a GPU.
 
-`python bench/arch_check.py [--jobs N] [--arch sm89 ...] [--quick] [--out FILE]`: for each arch of kernels/_arch.py
-(sm80, sm86, sm89, sm90, sm120), each head-dim bucket (32, 64, 128, 256), each P·V choice the arch allows (fp16,
-fine, and fp8 where the entry has FP8 tensor cores) and causal/full, the attention kernel with exactly the tile
-_api._forward picks (block_m, block_n, num_warps, num_stages, maxnreg; tensor descriptors where the tile says tma,
-pointer loads elsewhere), and the quantization kernel with that tile's blocks (fp8_v for fp8, k_token for fine:
-the combinations a call can make); on Triton 3.6 also the warp-specialized Gluon kernel where the sm90 table names
-one (it imports only there). Each is compiled for the arch's own target with Triton's bundled ptxas and read back
-with cuobjdump (bench/sass.py). Reports registers, stack (local memory: spills) and shared memory per config,
-fails a config whose shared memory exceeds the arch's per-block opt-in limit or whose registers exceed 255, and
-writes bench/results/arch-check-triton-<version>.json. Shared memory is the cubin's static shared (1 KB on sm90
-and sm120) plus the dynamic shared Triton's metadata asks for: Triton's launcher grants dynamic shared up to the
-opt-in limit less the static part, so the sum is what must fit.
+`python bench/arch_check.py [--jobs N] [--arch sm89 ...] [--dim 72 ...] [--quick] [--out FILE]`: for each arch of
+kernels/_arch.py (sm80, sm86, sm89, sm90, sm120), each head dim of DIMS (the buckets 32, 64, 128, 256 and the
+padded head dims real models use, 40, 72, 80, 96, 160: D < DP, masked loads), each P·V choice the arch allows
+(fp16, fine, and fp8 where the entry has FP8 tensor cores) and causal/full, the attention kernel as a launch on
+the installed Triton runs it: the tile _api._forward picks (block_m, block_n, num_warps, num_stages), through
+tensor descriptors where the tile says tma and the launch can take them, else through pointer loads with the
+tile's pointer_maxnreg (bench/sass.py launch_path(): a Triton without tensor descriptors, before 3.4, or int8 rows
+that are not 16-byte multiples, _quant.row_bytes); the quantization kernel with that tile's blocks (fp8_v for fp8,
+k_token for fine), with and without the LSE's q·kmean; a bf16 call with the LSE at head dim 128 (both kernels, each
+P·V); the rope kernel (kernels/_rope.py) at head dims 128 (fp16, bf16) and 80 (bf16); on Triton 3.6 also the
+warp-specialized Gluon kernel where the sm90 table names one (it imports only there). Each is compiled for the
+arch's own target with Triton's bundled ptxas and read back with cuobjdump (bench/sass.py, one code path for
+Triton 3.2 to 3.9). An arch the bundled ptxas cannot target is skipped and named in the report (sm120 before
+Triton 3.3: ptxas 12.4). Reports registers, stack (local memory: spills) and shared memory per config, fails a
+config that does not compile, whose shared memory exceeds the arch's per-block opt-in limit or whose registers
+exceed 255, and writes bench/results/arch-check-triton-<version>.json. Shared memory is the cubin's static shared
+(1 KB on sm90 and sm120) plus the dynamic shared Triton's metadata asks for: Triton's launcher grants dynamic
+shared up to the opt-in limit less the static part, so the sum is what must fit.
 
-Compiled as a call whose head dim is the bucket itself (D == DP, no padding masks), fp16 inputs and output,
-without the LSE output, with the launcher's specialization of a contiguous call (bench/sass.py: pointers, padded
-sizes and strides divisible by 16; head counts, token counts and the GQA group plain i32). Odd head dims (masked
-loads; the pointer path where a tma tile's rows are not 16-byte multiples) are not compiled here.
+Compiled with the launcher's specialization of the calls the pack's integrations make (bench/sass.py _divisible:
+pointers, padded token counts and the token strides of head-split [B, N, H·D] inputs divisible by 16, strides that
+are multiples of D too where D is a multiple of 16; head counts, token counts and the GQA group plain i32), fp16
+inputs and output without the LSE output but for the bf16 case. Spills are reported, not failed: spills
+the kernels must not have are asserted per Triton in tests/test_arch_check.py.
 `--sweep ARCH DIM PV --tile m,n,warps,stages[,maxnreg] ...` compiles candidate tiles for one table key instead.
 """
 import argparse
@@ -29,7 +36,14 @@ import sys
 import time
 
 ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm120")
-DIMS = (32, 64, 128, 256)
+BUCKETS = (32, 64, 128, 256)
+# Head dims between the buckets that real models use (SD 1.x: 40, 80, 160; PixArt: 72; 96), padded to the next
+# bucket: masked loads, and on sm90 the pointer path where int8 rows of D bytes are not 16-byte multiples (40, 72)
+PADDED = (40, 72, 80, 96, 160)
+DIMS = tuple(sorted(BUCKETS + PADDED))
+BF16_DIM = 128  # the bf16 call (with the LSE): fp16 and bf16 differ in the loads, casts and the 16-bit P·V MMA
+# the rope kernel: Wan's head dim 128, and 80, whose rows of 40 words give head strides not divisible by 16
+ROPE = ((128, "fp16"), (128, "bf16"), (80, "bf16"))
 # Largest shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): the SM's shared
 # capacity less the 1 KB reserved for the system (CUDA programming guide, compute capabilities; CUTLASS's
 # SMEM_CAPACITY_MAP carries the same numbers).
@@ -72,43 +86,64 @@ def ws_supported():
     return triton.__version__.startswith("3.6.")
 
 
-def configs(archs=ARCHS, ws=None):
+def unsupported(arch):
+    """Why the bundled ptxas cannot compile for `arch` (sm120 before Triton 3.3: ptxas 12.4 predates it), or None.
+    Such a pair never runs: a PyTorch for that GPU brings a newer Triton."""
+    targets = _sass().ptxas_targets(int(arch[2:]))
+    if targets is None or f"sm_{arch[2:]}" in targets:
+        return None
+    return f"the ptxas of this Triton ({_ptxas_version(int(arch[2:]))}) has no sm_{arch[2:]} target"
+
+
+def configs(archs=ARCHS, ws=None, dims=DIMS):
     """Every compile the table can make: dicts naming the kernel and its parameters."""
-    arch_table = _sass().kernel_module("_arch")
-    quant_warps = _sass().kernel_module("_quant").quant_warps
+    sass = _sass()
+    arch_table = sass.kernel_module("_arch")
+    quant_warps = sass.kernel_module("_quant").quant_warps
     ws = ws_supported() if ws is None else ws
-    out, quant_seen = [], set()
+    out = []
     for name in archs:
         entry = arch_table.ARCHES[name]
         cap = int(name[2:])
-        for dp in DIMS:
+        for D in dims:
+            dp = arch_table.head_dim_bucket(D)
             for pv in ("fp16", "fine") + (("fp8",) if entry.fp8 else ()):
                 tile = entry.tiles[(dp, "fp16" if pv == "fine" else pv)]
-                base = dict(arch=name, cap=cap, head_dim=dp, pv=pv, block_m=tile.block_m, block_n=tile.block_n)
+                tma, maxnreg = sass.launch_path(tile, D)
+                base = dict(arch=name, cap=cap, head_dim=D, bucket=dp, pv=pv, block_m=tile.block_m,
+                            block_n=tile.block_n, dtype="fp16", lse=False)
+                attn = dict(base, kernel="attn", num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tma,
+                            maxnreg=maxnreg, tile_tma=tile.tma, tile_maxnreg=tile.maxnreg)
+                quant = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", num_warps=quant_warps(dp))
                 for causal in (False, True):
-                    out.append(dict(base, kernel="attn", causal=causal, num_warps=tile.num_warps,
-                                    num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg))
-                    if ws and tile.ws is not None and tile.tma and pv == "fp8" and not causal:
+                    out.append(dict(attn, causal=causal))
+                    # as _api._warp_specialized picks it: full attention, FP8 P·V, an unpadded head dim, a tma tile
+                    if ws and tile.ws is not None and tile.tma and pv == "fp8" and not causal and D == dp:
                         out.append(dict(base, kernel="attn_ws", causal=False, num_warps=4, consumers=tile.ws.consumers,
                                         ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg))
-                key = (name, dp, tile.block_m, tile.block_n, pv)
-                if key not in quant_seen:
-                    quant_seen.add(key)
-                    out += [dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", lse=lse,
-                                 num_warps=quant_warps(dp)) for lse in (False, True)]
+                out += [dict(quant, lse=lse) for lse in (False, True)]
+                if D == BF16_DIM:  # a bf16 call that returns the LSE
+                    out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant, dtype="bf16", lse=True)]
+        out += [dict(arch=name, cap=cap, head_dim=D, bucket=D, kernel="rope", dtype=dt, num_warps=4)
+                for D, dt in ROPE if D in dims]
     return out
 
 
 def label(c):
-    s = f"{c['kernel']} {c['arch']} hd{c['head_dim']} {c['pv']}"
+    s = f"{c['kernel']} {c['arch']} hd{c['head_dim']}"
+    if c["kernel"] == "rope":
+        return f"{s} {c['dtype']}"
+    s += f" {c['pv']}"
     if c["kernel"] != "quant":
         s += " causal" if c["causal"] else " full"
-    elif c.get("lse"):
-        s += " lse"
-    return s
+    if c.get("dtype", "fp16") != "fp16":
+        s += f" {c['dtype']}"
+    return s + " lse" * bool(c.get("lse"))
 
 
 def tile_text(c):
+    if c["kernel"] == "rope":
+        return f"({c['num_warps']} warps)"
     if c["kernel"] == "quant":
         return f"({c['block_m']},{c['block_n']},{c['num_warps']})"
     if c["kernel"] == "attn_ws":
@@ -116,13 +151,15 @@ def tile_text(c):
                 f"maxnreg {c['maxnreg']}")
     parts = [c["block_m"], c["block_n"], c["num_warps"], c["num_stages"]]
     parts += ["tma"] * c["tma"] + [c["maxnreg"]] * bool(c["maxnreg"])
-    return "(" + ",".join(map(str, parts)) + ")"
+    s = "(" + ",".join(map(str, parts)) + ")"
+    if c.get("tile_tma") and not c["tma"]:  # the launch's fallback from the tile's tensor descriptors
+        s += " pointers, tile " + ",".join(["tma"] + [str(c["tile_maxnreg"])] * bool(c.get("tile_maxnreg")))
+    return s
 
 
 def compile_one(c):
     """Compile one config (in a worker process) and return it with its resources, or with the error."""
     os.environ.pop("TRITON_INTERPRET", None)  # tests set it; the kernels must be real JIT functions here
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     sass = _sass()
     t0, cpu0 = time.perf_counter(), _cpu()
     try:
@@ -130,11 +167,15 @@ def compile_one(c):
             k = sass.compile_attention(
                 sass.kernel_module("_attention")._attn_kernel, arch=c["cap"], D=c["head_dim"], block_m=c["block_m"],
                 block_n=c["block_n"], fp8=c["pv"] == "fp8", causal=c["causal"], warps=c["num_warps"],
-                stages=c["num_stages"], maxnreg=c["maxnreg"], k_token=c["pv"] == "fine", tma=c["tma"])
+                stages=c["num_stages"], maxnreg=c["maxnreg"], k_token=c["pv"] == "fine", tma=c["tma"],
+                store_lse=c.get("lse", False), dtype=c.get("dtype", "fp16"))
         elif c["kernel"] == "quant":
             k = sass.compile_quant(sass.kernel_module("_quant")._quant_kernel, arch=c["cap"], D=c["head_dim"],
                                    block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"],
-                                   warps=c["num_warps"], lse=c.get("lse", False))
+                                   warps=c["num_warps"], lse=c.get("lse", False), dtype=c.get("dtype", "fp16"))
+        elif c["kernel"] == "rope":
+            k = sass.compile_rope(sass.kernel_module("_rope")._rotate_kernel, arch=c["cap"], D=c["head_dim"],
+                                  dtype=c["dtype"])
         else:
             ws = sass.kernel_module("_attention_ws")
             k = sass.compile_ws(ws._attn_ws_kernel, D=c["head_dim"], block_m=c["block_m"], block_n=c["block_n"],
@@ -182,51 +223,72 @@ def _pool_map(todo, jobs, log):
     return results
 
 
-def _report(results, archs, wall, jobs):
+def _report(results, archs, wall, jobs, skipped=None):
     import triton
 
+    compiled = [a for a in archs if a not in (skipped or {})]
     return {
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
         "wall_s": round(wall, 1),
         "cpu_s": round(sum(r["cpu_s"] for r in results), 1),
         "jobs": jobs,
+        "tensor_descriptors": _sass().compat().has_tensor_descriptors(),
+        "skipped": skipped or {},
         "limits": {"shared_bytes_per_block": {a: SHARED_LIMIT[a] for a in archs}, "registers_per_thread": MAX_REGS},
-        "ptxas": _ptxas_versions(archs),
+        "ptxas": {a: _ptxas_version(int(a[2:])) for a in compiled},
         "configs": results,
         "spills": [label(r) + " " + tile_text(r) + f": {r['stack']} B" for r in results if r.get("stack")],
         "problems": [label(r) + ": " + "; ".join(r["problems"]) for r in results if r["problems"]],
     }
 
 
+# The CPU test's default subset: its head dims (each bucket, and of the padded ones 72: masked loads in the
+# largest pointer-path bucket, the pointer path on sm90's bulk-copy tiles, strides that are not multiples of 16)
+QUICK_DIMS = (32, 64, 72, 128, 256)
+
+
 def quick(c):
-    """The subset the CPU test compiles by default (about half the compile time): every table key once, as
-    causal attention (the same tile and shared buffers as full attention, plus the diagonal's masks), and the
-    quantization kernel at head dim 256 only (its largest; at most 9 KB of shared memory anywhere)."""
-    return c["kernel"] == "attn_ws" or (c["causal"] if c["kernel"] == "attn" else c["head_dim"] == 256)
+    """The subset the CPU test compiles by default (about a quarter of the compile time): causal attention at
+    QUICK_DIMS (every table key once: the same tile and shared buffers as full attention, plus the diagonal's
+    masks), the bf16 call, the quantization kernel at head dim 256 only (its largest; at most 17 KB of shared
+    memory and 128 registers anywhere), the rope kernel and the Gluon kernel."""
+    if c["kernel"] in ("attn_ws", "rope") or c.get("dtype") == "bf16":
+        return True
+    if c["kernel"] == "attn":
+        return c["causal"] and c["head_dim"] in QUICK_DIMS
+    return c["head_dim"] == 256
 
 
-def run(archs=ARCHS, jobs=None, ws=None, select=None, log=print):
-    """Compile every config (those `select` keeps, if given) in `jobs` processes; returns the report dict
-    (results in config order)."""
-    todo = [c for c in configs(archs, ws) if select is None or select(c)]
+def run(archs=ARCHS, jobs=None, ws=None, select=None, log=print, dims=DIMS):
+    """Compile every config (those `select` keeps, if given) in `jobs` processes for the arches this Triton's
+    ptxas can target; returns the report dict (results in config order, the arches skipped and why)."""
+    skipped = {a: why for a in archs for why in [unsupported(a)] if why}
+    if log:
+        for a, why in skipped.items():
+            log(f"{a} skipped: {why}")
+    todo = [c for c in configs(tuple(a for a in archs if a not in skipped), ws, dims)
+            if select is None or select(c)]
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     results = _pool_map(todo, jobs, log)
-    return _report(results, archs, time.perf_counter() - t0, jobs)
+    return _report(results, archs, time.perf_counter() - t0, jobs, skipped)
 
 
 def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
     """Candidate tiles for one table key (pointer path): each (block_m, block_n, num_warps, num_stages[,
     maxnreg]) compiled for full and causal attention, with the quantization kernel its blocks need."""
+    sass = _sass()
+    dp = sass.head_dim_bucket(head_dim)
     todo = []
     for t in tiles:
         bm, bn, w, st, mr = (list(t) + [None])[:5]
-        base = dict(arch=arch, cap=int(arch[2:]), head_dim=head_dim, pv=pv, block_m=bm, block_n=bn)
+        base = dict(arch=arch, cap=int(arch[2:]), head_dim=head_dim, bucket=dp, pv=pv, block_m=bm, block_n=bn,
+                    dtype="fp16", lse=False)
         todo += [dict(base, kernel="attn", causal=c, num_warps=w, num_stages=st, tma=False, maxnreg=mr)
                  for c in (False, True)]
         todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine",
-                         num_warps=_sass().kernel_module("_quant").quant_warps(head_dim)))
+                         num_warps=sass.kernel_module("_quant").quant_warps(dp)))
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     results = _pool_map(todo, jobs, log)
@@ -236,33 +298,27 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
 def _line(r):
     if "error" in r:
         return f"{label(r)} {tile_text(r)}: ERROR {r['error']}"
-    return (f"{label(r):32s} {tile_text(r):34s} regs {r['regs']:3d}  stack {r['stack']:4d} B  "
+    return (f"{label(r):36s} {tile_text(r):34s} regs {r['regs']:3d}  stack {r['stack']:4d} B  "
             f"shared {r['shared']:6d} B  ({r['compile_s']} s)")
 
 
-def _ptxas_versions(archs):
+def _ptxas_version(cap):
     import subprocess
 
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError:
-        return {}
-    out = {}
-    for name in archs:
-        try:
-            text = subprocess.run([get_ptxas(int(name[2:])).path, "--version"], capture_output=True, text=True).stdout
-            out[name] = text.strip().splitlines()[-1]
-        except Exception as e:  # a report field, never a reason to fail
-            out[name] = f"unknown ({e})"
-    return out
+        text = subprocess.run([_sass().ptxas(cap), "--version"], capture_output=True, text=True).stdout
+        return text.strip().splitlines()[-1]
+    except Exception as e:  # a report field, never a reason to fail
+        return f"unknown ({e})"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     ap.add_argument("--arch", action="append", choices=ARCHS, help="only these arches (repeatable)")
+    ap.add_argument("--dim", type=int, action="append", choices=DIMS, help="only these head dims (repeatable)")
     ap.add_argument("--out", help="JSON path (default bench/results/arch-check-triton-<version>.json)")
-    ap.add_argument("--quick", action="store_true", help="the CPU test's subset (quick(): causal attention only)")
+    ap.add_argument("--quick", action="store_true", help="the CPU test's default subset (quick())")
     ap.add_argument("--sweep", nargs=3, metavar=("ARCH", "DIM", "PV"),
                     help="compile the --tile candidates for one table key instead of the table")
     ap.add_argument("--tile", action="append", default=[], help="block_m,block_n,warps,stages[,maxnreg]")
@@ -277,11 +333,13 @@ def main(argv=None):
         report = sweep(a.sweep[0], int(a.sweep[1]), a.sweep[2], [tuple(map(int, t.split(","))) for t in a.tile],
                        a.jobs)
     else:
-        report = run(tuple(a.arch or ARCHS), a.jobs, select=quick if a.quick else None)
+        report = run(tuple(a.arch or ARCHS), a.jobs, select=quick if a.quick else None, dims=tuple(a.dim or DIMS))
     out = a.out or os.path.join(RESULTS, f"arch-check-triton-{triton.__version__}.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")
+    for arch, why in report["skipped"].items():
+        print(f"{arch} skipped: {why}")
     print(f"\n{len(report['configs'])} compiles in {report['wall_s']} s ({report['jobs']} processes, "
           f"{report['cpu_s']} CPU-s), Triton {report['triton']}: {out}")
     print("spills:" if report["spills"] else "no spills", *report["spills"], sep="\n  ")

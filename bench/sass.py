@@ -3,15 +3,17 @@
 `python bench/sass.py [--arch 90] [--dim 128] [--block-n 128] [--stages 2] [--maxnreg 168] [--fp16 | --fine]
 [--causal] [--pointer] [--dump FILE]`: registers, stack (spills), shared memory and the opcodes of the key-block
 loops (instructions per thread per block). Needs only the `triton` package, the version the GPU runs (3.6 on the
-lent machine: its bundled ptxas and cuobjdump); it loads kernels/_attention.py alone, so no torch either.
-bench/NOTES.md quotes these counts. The helpers here are also what bench/arch_check.py compiles every table
-entry with. Kernels compile with the divisibility a launch gives its pointers and padded sizes (_DIVISIBLE); the
-counts in NOTES.md were taken without it (today's sm90 hd128 FP8 kernel on 3.6: 519 loop instructions and 32 B
-of stack without, 508 and none with).
+lent machine: its bundled ptxas and cuobjdump); it loads kernels/_attention.py alone, so no torch either (the
+quantization and rope kernels' modules import torch). bench/NOTES.md quotes these counts. The helpers here are
+also what bench/arch_check.py compiles every table entry with, on any Triton from 3.2 to 3.9 (_compile: both
+ASTSource APIs). Kernels compile with the divisibility a launch gives its pointers, padded sizes and strides
+(_divisible); the counts in NOTES.md were taken without it (today's sm90 hd128 FP8 kernel on 3.6: 519 loop
+instructions and 32 B of stack without, 508 and none with).
 """
 import argparse
 import collections
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -36,55 +38,122 @@ def kernel_module(name):
     return importlib.import_module(f"{_PKG}.{name}")
 
 
-# What a launch specializes on: pointers from torch allocations and these integers (multiples of 16 in every call
-# of a bucket's own head dim: padded token counts, strides of contiguous tensors) get tt.divisibility=16, as
-# Triton's launcher gives them; the others (head and token counts) stay plain i32.
-_DIVISIBLE = {"Nq_pad", "Nk_pad", "svb", "svh", "svn", "sob", "soh", "son",
-              "sqb", "sqh", "sqn", "skb", "skh", "skn"}
+def compat():
+    """kernels/_compat.py: what the installed Triton offers (tensor descriptors) and the launch options every
+    launch of ours passes."""
+    return kernel_module("_compat")
 
 
-def _compile(fn, arch, types_, const, opts, source=None):
-    sig = {name: types_.get(name, "i32") for name in fn.arg_names}
-    for k in const:
-        sig[k] = "constexpr"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or name in _DIVISIBLE}
-    src = (source or triton.compiler.ASTSource)(fn=fn, signature=sig, attrs=attrs,
-                                                 constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+def head_dim_bucket(d):
+    return kernel_module("_arch").head_dim_bucket(d)
+
+
+def launch_path(tile, D):
+    """(tensor descriptors, maxnreg) of a launch at head dim D with `tile`, as _attention.attention decides: a tma
+    tile goes through tensor descriptors only where this Triton has them (3.4+) and the int8 rows
+    (_quant.row_bytes) are 16-byte multiples; otherwise it takes the pointer path with the tile's pointer_maxnreg.
+    A pointer tile keeps its maxnreg."""
+    use = bool(tile.tma) and compat().has_tensor_descriptors() and kernel_module("_quant").row_bytes(D) % 16 == 0
+    return use, (tile.maxnreg if use or not tile.tma else tile.pointer_maxnreg)
+
+
+# What a launch specializes on: Triton's launcher gives tt.divisibility=16 to pointers (torch allocations) and to
+# integers that are multiples of 16; head counts, token counts and the GQA group stay plain i32 here. Strides are
+# those of the calls the pack's integrations make (nodes/_runtime.py, diffusers' processors): q, k and v as
+# head-split views of [B, N, H·D] (token and batch strides multiples of H·D, which is 16-divisible for every real
+# model's hidden size; head stride D) and the output as _api allocates it, contiguous [B, H, N, D] (token stride
+# D, head and batch strides multiples of D). A multiple of D counts as divisible only where D is: with D % 16 != 0
+# it is for some token counts only (compiled as the general case). A contiguous [B, H, N, D] input at such a D
+# (token stride D) is a variant not compiled here.
+_ALWAYS = {"Nq_pad", "Nk_pad",  # whole blocks
+           "sqb", "sqn", "skb", "skn", "svb", "svn"}  # multiples of H·D
+_BY_D = {"sqh", "skh", "svh", "sob", "soh", "son"}  # multiples of D
+
+
+def _divisible(D):
+    return _ALWAYS | (_BY_D if D % 16 == 0 else set())
+
+
+def _new_source_api():
+    """Triton 3.3 changed ASTSource: constexprs by argument path in a signature that names every argument (3.2:
+    constants by name, a signature without them, hints in an AttrsDescriptor)."""
+    return "constexprs" in inspect.signature(triton.compiler.ASTSource.__init__).parameters
+
+
+def _compile(fn, arch, types_, const, opts, source=None, divisible=()):
+    """triton.compile of `fn` for compute capability `arch`: arguments typed by `types_` (default i32), the
+    constexprs `const`, pointers and the integers named in `divisible` specialized as multiples of 16 (what the
+    launcher does for such values); the same on every Triton from 3.2 to 3.9."""
+    names = fn.arg_names
+    hints = [i for i, n in enumerate(names)
+             if n not in const and (types_.get(n, "i32").startswith("*") or n in divisible)]
+    if _new_source_api():
+        sig = {n: "constexpr" if n in const else types_.get(n, "i32") for n in names}
+        src = (source or triton.compiler.ASTSource)(
+            fn=fn, signature=sig, attrs={(i,): [["tt.divisibility", 16]] for i in hints},
+            constexprs={(names.index(k),): v for k, v in const.items()})
+    else:
+        from triton.backends.compiler import AttrsDescriptor
+
+        assert source is None, "Gluon needs Triton 3.6"
+        src = triton.compiler.ASTSource(fn=fn, signature={n: types_.get(n, "i32") for n in names if n not in const},
+                                        constants=dict(const), attrs=AttrsDescriptor.from_hints({i: 16 for i in hints}))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
+def _options(warps, stages=None, maxnreg=None):
+    """num_warps (num_stages where the launch sets it) and the options every launch of ours passes
+    (_compat.launch_options: FP fusion on, the register cap where set)."""
+    return {"num_warps": warps, **({"num_stages": stages} if stages else {}), **compat().launch_options(maxnreg)}
+
+
 def compile_attention(fn, *, arch=90, D, block_m, block_n, fp8, causal, warps, stages, maxnreg, k_token=False,
-                      tma=True, store_lse=False, extra=None):
-    """_attention._attn_kernel as _attention.attention launches it for a head dim D with no padding: through
-    tensor descriptors (tma) or pointers, FP8 or 16-bit V, fp16 output."""
+                      tma=True, store_lse=False, dtype="fp16", extra=None):
+    """_attention._attn_kernel as _attention.attention launches it at head dim D (padded to its bucket DP, with
+    masks where D != DP; int8 rows of _quant.row_bytes(D) bytes): through tensor descriptors (tma) or pointers, exactly as given
+    (launch_path() gives what a launch picks), FP8 or 16-bit V, `dtype` (fp16, bf16) for v and the output."""
+    DP = head_dim_bucket(D)
     if tma:
-        shapes = {"Q8": [1, block_m, D], "K8": [1, block_n, D], "V": [1, D, block_n] if fp8 else [1, 1, block_n, D]}
-        dt = {"Q8": "i8", "K8": "i8", "V": "fp8e4nv" if fp8 else "fp16"}
+        shapes = {"Q8": [1, block_m, DP], "K8": [1, block_n, DP], "V": [1, DP, block_n] if fp8 else [1, 1, block_n, DP]}
+        dt = {"Q8": "i8", "K8": "i8", "V": "fp8e4nv" if fp8 else dtype}
         types_ = {k: f"tensordesc<{dt[k]}{shapes[k]}>" for k in shapes}
     else:
-        types_ = {"Q8": "*i8", "K8": "*i8", "V": "*fp8e4nv" if fp8 else "*fp16"}
-    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O="*fp16")
-    const = dict(D=D, DP=D, DS=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PV_FP8=fp8, STORE_LSE=store_lse,
-                 P_SHIFT=8.806 if fp8 else 0.0, USE_TMA=tma, K_TOKEN=k_token, **(extra or {}))
-    opts = {"num_warps": warps, "num_stages": stages}
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
-    return _compile(fn, arch, types_, const, opts)
+        types_ = {"Q8": "*i8", "K8": "*i8", "V": "*fp8e4nv" if fp8 else f"*{dtype}"}
+    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O=f"*{dtype}")
+    p_shift = kernel_module("_attention").P_SHIFT_FP8 if fp8 else 0.0
+    const = dict(D=D, DP=DP, DS=kernel_module("_quant").row_bytes(D), BLOCK_M=block_m, BLOCK_N=block_n,
+                 CAUSAL=causal, PV_FP8=fp8, STORE_LSE=store_lse,
+                 P_SHIFT=p_shift, USE_TMA=tma, K_TOKEN=k_token, **(extra or {}))
+    return _compile(fn, arch, types_, const, _options(warps, stages, maxnreg), divisible=_divisible(D))
 
 
 def compile_sm90(fn, **kw):
     return compile_attention(fn, arch=90, **kw)
 
 
-def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False):
-    """_quant._quant_kernel as _quant.quantize launches it (fp16 q, k, v; num_stages left at Triton's default)."""
-    types_ = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if fp8_v else "*i8",
-              "q_mult": "fp32"}
+def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16"):
+    """_quant._quant_kernel as _quant.quantize launches it (q, k, v of `dtype`; num_stages left at Triton's
+    default) at head dim D, padded to its bucket."""
+    types_ = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Q8": "*i8", "K8": "*i8",
+              "V8": "*fp8e4nv" if fp8_v else "*i8", "q_mult": "fp32"}
     types_.update({k: "*fp32" for k in ("QS", "LSE", "KS", "KM", "VS")})
-    const = dict(D=D, DP=D, DS=D, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=64, QUANT_V=fp8_v, K_TOKEN=k_token,
-                 Q_DOT_KMEAN=lse)
-    return _compile(fn, arch, types_, const, {"num_warps": warps})
+    const = dict(D=D, DP=head_dim_bucket(D), DS=kernel_module("_quant").row_bytes(D), BLOCK_Q=block_m, BLOCK_K=block_n,
+                 SAMPLE_N=kernel_module("_quant").SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token, Q_DOT_KMEAN=lse)
+    return _compile(fn, arch, types_, const, _options(warps), divisible=_divisible(D))
+
+
+def compile_rope(fn, *, arch, D, dtype):
+    """_rope._rotate_kernel as _rope._rotate launches it for a contiguous [B, N, H, D] tensor of `dtype` (fp16,
+    bf16): x and the output as 32-bit words (one pair each); token and batch strides multiples of H·D/2 (taken as
+    16-divisible, as above), the head stride D/2 and the table's batch stride N·D/2 divisible where D/2 is."""
+    import triton.language as tl
+
+    rope = kernel_module("_rope")
+    types_ = {"X": "*i32", "C": "*fp32", "S": "*fp32", "O": "*i32"}
+    const = dict(DT={"fp16": tl.float16, "bf16": tl.bfloat16}[dtype], HALF=D // 2,
+                 HALF_P=triton.next_power_of_2(D // 2), BLOCK_T=rope.BLOCK_T)
+    divisible = {"sxb", "sxn"} | ({"sxh", "scb"} if (D // 2) % 16 == 0 else set())
+    return _compile(fn, arch, types_, const, _options(4), divisible=divisible)
 
 
 def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False):
@@ -104,11 +173,29 @@ def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_
     types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")})
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=store_lse, CONSUMERS=consumers, STAGES=stages,
                  CONSUMER_REGS=consumer_regs)
-    return _compile(fn, 90, types_, const, {"num_warps": 4, "maxnreg": maxnreg}, source=_runtime.GluonASTSource)
+    return _compile(fn, 90, types_, const, _options(4, maxnreg=maxnreg), source=_runtime.GluonASTSource)
 
 
 def tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def ptxas(arch):
+    """The ptxas Triton runs for compute capability `arch` (3.5+: a separate one for sm100+ where bundled;
+    TRITON_PTXAS_PATH where set)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, TypeError, AttributeError):  # Triton 3.2-3.4: one ptxas
+        return os.environ.get("TRITON_PTXAS_PATH") or tool("ptxas")
+
+
+def ptxas_targets(arch):
+    """The sm_ targets that ptxas accepts (its --help lists them), or None where it says nothing readable."""
+    text = subprocess.run([ptxas(arch), "--help"], capture_output=True, text=True).stdout
+    m = re.search(r"--gpu-name.*?Allowed values for this option:(.*?)\.\s*(?:Default|$)", text, re.S)
+    return set(re.findall(r"'(sm_\w+)'", m.group(1))) if m else None
 
 
 def cuobjdump(kernel, flag):
@@ -157,13 +244,15 @@ def main(argv=None):
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--fine", action="store_true")
-    ap.add_argument("--pointer", action="store_true", help="pointer loads instead of tensor descriptors")
+    ap.add_argument("--pointer", action="store_true",
+                    help="pointer loads instead of tensor descriptors (always, on a Triton without them)")
     ap.add_argument("--dump", help="write the SASS here")
     a = ap.parse_args(argv)
 
     k = compile_attention(kernel_module("_attention")._attn_kernel, arch=a.arch, D=a.dim, block_m=a.block_m,
                           block_n=a.block_n, fp8=not (a.fp16 or a.fine), causal=a.causal, warps=a.warps,
-                          stages=a.stages, maxnreg=a.maxnreg or None, k_token=a.fine, tma=not a.pointer)
+                          stages=a.stages, maxnreg=a.maxnreg or None, k_token=a.fine,
+                          tma=not a.pointer and compat().has_tensor_descriptors())
     text = cuobjdump(k, "--dump-sass")
     if a.dump:
         open(a.dump, "w").write(text)
