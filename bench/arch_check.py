@@ -107,14 +107,15 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
         cap = int(name[2:])
         for D in dims:
             dp = arch_table.head_dim_bucket(D)
-            for pv in ("fp16", "fine") + (("fp8",) if entry.fp8 else ()):
+            for pv in ("fp16", "fine", "int8") + (("fp8",) if entry.fp8 else ()):
                 tile = entry.tiles[(dp, "fp16" if pv == "fine" else pv)]
                 tma, maxnreg = sass.launch_path(tile, D)
                 base = dict(arch=name, cap=cap, head_dim=D, bucket=dp, pv=pv, block_m=tile.block_m,
                             block_n=tile.block_n, dtype="fp16", lse=False)
                 attn = dict(base, kernel="attn", num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tma,
                             maxnreg=maxnreg, tile_tma=tile.tma, tile_maxnreg=tile.maxnreg)
-                quant = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", num_warps=quant_warps(dp))
+                quant = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
+                             num_warps=quant_warps(dp))
                 for causal in (False, True):
                     out.append(dict(attn, causal=causal))
                     # as _api._warp_specialized picks it: full attention, FP8 P·V, an unpadded head dim, a tma tile
@@ -168,11 +169,12 @@ def compile_one(c):
                 sass.kernel_module("_attention")._attn_kernel, arch=c["cap"], D=c["head_dim"], block_m=c["block_m"],
                 block_n=c["block_n"], fp8=c["pv"] == "fp8", causal=c["causal"], warps=c["num_warps"],
                 stages=c["num_stages"], maxnreg=c["maxnreg"], k_token=c["pv"] == "fine", tma=c["tma"],
-                store_lse=c.get("lse", False), dtype=c.get("dtype", "fp16"))
+                store_lse=c.get("lse", False), dtype=c.get("dtype", "fp16"), int8=c["pv"] == "int8")
         elif c["kernel"] == "quant":
             k = sass.compile_quant(sass.kernel_module("_quant")._quant_kernel, arch=c["cap"], D=c["head_dim"],
                                    block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"],
-                                   warps=c["num_warps"], lse=c.get("lse", False), dtype=c.get("dtype", "fp16"))
+                                   warps=c["num_warps"], lse=c.get("lse", False), dtype=c.get("dtype", "fp16"),
+                                   int8_v=c.get("int8_v", False))
         elif c["kernel"] == "rope":
             k = sass.compile_rope(sass.kernel_module("_rope")._rotate_kernel, arch=c["cap"], D=c["head_dim"],
                                   dtype=c["dtype"])
@@ -287,7 +289,7 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
                     dtype="fp16", lse=False)
         todo += [dict(base, kernel="attn", causal=c, num_warps=w, num_stages=st, tma=False, maxnreg=mr)
                  for c in (False, True)]
-        todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine",
+        todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
                          num_warps=sass.kernel_module("_quant").quant_warps(dp)))
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()

@@ -108,22 +108,27 @@ def _options(warps, stages=None, maxnreg=None):
 
 
 def compile_attention(fn, *, arch=90, D, block_m, block_n, fp8, causal, warps, stages, maxnreg, k_token=False,
-                      tma=True, store_lse=False, dtype="fp16", extra=None):
+                      tma=True, store_lse=False, dtype="fp16", extra=None, int8=False):
     """_attention._attn_kernel as _attention.attention launches it at head dim D (padded to its bucket DP, with
-    masks where D != DP; int8 rows of _quant.row_bytes(D) bytes): through tensor descriptors (tma) or pointers, exactly as given
-    (launch_path() gives what a launch picks), FP8 or 16-bit V, `dtype` (fp16, bf16) for v and the output."""
+    masks where D != DP; int8 rows of _quant.row_bytes(D) bytes): through tensor descriptors (tma) or pointers,
+    exactly as given (launch_path() gives what a launch picks), FP8, INT8 (with per-token K scales) or 16-bit V,
+    `dtype` (fp16, bf16) for v and the output."""
     DP = head_dim_bucket(D)
+    v8 = "fp8e4nv" if fp8 else "i8" if int8 else None
     if tma:
-        shapes = {"Q8": [1, block_m, DP], "K8": [1, block_n, DP], "V": [1, DP, block_n] if fp8 else [1, 1, block_n, DP]}
-        dt = {"Q8": "i8", "K8": "i8", "V": "fp8e4nv" if fp8 else dtype}
+        shapes = {"Q8": [1, block_m, DP], "K8": [1, block_n, DP], "V": [1, DP, block_n] if v8 else [1, 1, block_n, DP]}
+        dt = {"Q8": "i8", "K8": "i8", "V": v8 or dtype}
         types_ = {k: f"tensordesc<{dt[k]}{shapes[k]}>" for k in shapes}
     else:
-        types_ = {"Q8": "*i8", "K8": "*i8", "V": "*fp8e4nv" if fp8 else f"*{dtype}"}
-    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O=f"*{dtype}")
-    p_shift = kernel_module("_attention").P_SHIFT_FP8 if fp8 else 0.0
+        types_ = {"Q8": "*i8", "K8": "*i8", "V": f"*{v8 or dtype}"}
+    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O=f"*{dtype}", VC="*i16")
+    if int8:
+        types_["VS"] = "*bf16"
+    attention = kernel_module("_attention")
+    p_shift = attention.P_SHIFT_FP8 if fp8 else attention.P_SHIFT_INT8 if int8 else 0.0
     const = dict(D=D, DP=DP, DS=kernel_module("_quant").row_bytes(D), BLOCK_M=block_m, BLOCK_N=block_n,
                  CAUSAL=causal, PV_FP8=fp8, STORE_LSE=store_lse,
-                 P_SHIFT=p_shift, USE_TMA=tma, K_TOKEN=k_token, **(extra or {}))
+                 P_SHIFT=p_shift, USE_TMA=tma, K_TOKEN=k_token or int8, PV_INT8=int8, **(extra or {}))
     return _compile(fn, arch, types_, const, _options(warps, stages, maxnreg), divisible=_divisible(D))
 
 
@@ -131,14 +136,16 @@ def compile_sm90(fn, **kw):
     return compile_attention(fn, arch=90, **kw)
 
 
-def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16"):
+def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16", int8_v=False):
     """_quant._quant_kernel as _quant.quantize launches it (q, k, v of `dtype`; num_stages left at Triton's
-    default) at head dim D, padded to its bucket."""
+    default) at head dim D, padded to its bucket; `int8_v` as for pv="int8" (per-token K, Hadamard rotation)."""
+    quant = kernel_module("_quant")
     types_ = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Q8": "*i8", "K8": "*i8",
-              "V8": "*fp8e4nv" if fp8_v else "*i8", "q_mult": "fp32"}
-    types_.update({k: "*fp32" for k in ("QS", "LSE", "KS", "KM", "VS")})
-    const = dict(D=D, DP=head_dim_bucket(D), DS=kernel_module("_quant").row_bytes(D), BLOCK_Q=block_m, BLOCK_K=block_n,
-                 SAMPLE_N=kernel_module("_quant").SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token, Q_DOT_KMEAN=lse)
+              "V8": "*fp8e4nv" if fp8_v else "*i8", "q_mult": "fp32", "VC": "*i16" if int8_v else "*fp32"}
+    types_.update({k: "*fp32" for k in ("QS", "LSE", "KS", "KM")}, VS="*bf16" if int8_v else "*fp32")
+    const = dict(D=D, DP=head_dim_bucket(D), DS=quant.row_bytes(D), BLOCK_Q=block_m, BLOCK_K=block_n,
+                 SAMPLE_N=quant.SAMPLE, QUANT_V=fp8_v or int8_v, K_TOKEN=k_token or int8_v, Q_DOT_KMEAN=lse,
+                 V_INT8=int8_v, ROT=quant.rotation_width(D) if int8_v else 1)
     return _compile(fn, arch, types_, const, _options(warps), divisible=_divisible(D))
 
 
@@ -244,14 +251,15 @@ def main(argv=None):
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--fine", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="INT8 P·V (pv='int8')")
     ap.add_argument("--pointer", action="store_true",
                     help="pointer loads instead of tensor descriptors (always, on a Triton without them)")
     ap.add_argument("--dump", help="write the SASS here")
     a = ap.parse_args(argv)
 
     k = compile_attention(kernel_module("_attention")._attn_kernel, arch=a.arch, D=a.dim, block_m=a.block_m,
-                          block_n=a.block_n, fp8=not (a.fp16 or a.fine), causal=a.causal, warps=a.warps,
-                          stages=a.stages, maxnreg=a.maxnreg or None, k_token=a.fine,
+                          block_n=a.block_n, fp8=not (a.fp16 or a.fine or a.int8), causal=a.causal, warps=a.warps,
+                          stages=a.stages, maxnreg=a.maxnreg or None, k_token=a.fine, int8=a.int8,
                           tma=not a.pointer and compat().has_tensor_descriptors())
     text = cuobjdump(k, "--dump-sass")
     if a.dump:

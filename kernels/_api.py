@@ -9,9 +9,11 @@ from ._counters import count
 from ._ops import custom_op
 
 LAYOUTS = ("HND", "NHD")
-PV_CHOICES = ("auto", "fp16", "fp8", "fine")
+PV_CHOICES = ("auto", "fp16", "fp8", "fine", "int8")
 # "fine": FP16 P·V with one K scale per token instead of per key block, the most accurate 8-bit variant (a
 # multiply more per score): what calibration tries before exact attention.
+# "int8": INT8 P·V (unsigned P at each key block's row max, V per key block and channel), per-token K scales, q and
+# k rotated by a block-Hadamard matrix: kernel v10's candidate (bench/NOTES.md), the 8-bit rate on every arch.
 MAX_HEAD_DIM = 256
 
 
@@ -124,22 +126,24 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
         patch_interpreter()
 
     DP = _arch.head_dim_bucket(D)
-    k_token = pv == "fine"
-    tile = tile or entry.tiles[(DP, "fp16" if k_token else pv)]
+    k_token = pv in ("fine", "int8")
+    tile = tile or entry.tiles[(DP, "fp16" if pv == "fine" else pv)]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qh, kh, vh = (_to_hnd(t, layout) for t in (q, k, v))
-    fp8_v = pv == "fp8"
-    if not fp8_v and vh.dtype == torch.float32:
+    fp8_v, int8_v = pv == "fp8", pv == "int8"
+    if not (fp8_v or int8_v) and vh.dtype == torch.float32:
         vh = vh.to(torch.bfloat16)  # 16-bit P·V for fp32 inputs: bf16 keeps fp32's range
     dims = (B, Hq, Hkv, Nq, Nk, D, DP)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
     if Nq:
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
-                             fp8_v=fp8_v, k_token=k_token, lse=lse)
+                             fp8_v=fp8_v, k_token=k_token, lse=lse, int8_v=int8_v,
+                             rot=_quant.rotation_width(D) if int8_v else 1)
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-            block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, num_warps=tile.num_warps,
+            block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, int8_v=int8_v,
+            num_warps=tile.num_warps,
             num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg)
         ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
         if ws_kernel is None:
@@ -156,7 +160,7 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
                     raise
                 _fallback.record(("ws", *config), e)
                 triton_kernel()
-    count("int8-fine" if k_token else f"int8-{pv}pv")
+    count("int8-fine" if pv == "fine" else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 
 
@@ -207,13 +211,14 @@ _op = custom_op("sage_attention", _impl, _fake, (_backward, _setup_context))
 
 
 def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return_lse=False, pv="auto"):
-    """8-bit attention (INT8 Q·Kᵀ, FP8 or FP16 P·V).
+    """8-bit attention (INT8 Q·Kᵀ; FP8, INT8 or FP16 P·V).
 
     q: [B, Hq, Nq, D] (layout="HND") or [B, Nq, Hq, D] ("NHD"); k, v: [B, Hkv, Nk, D] with Hq % Hkv == 0.
     fp16/bf16 in → same dtype out; fp32 in → computed in 8/16-bit, returned as fp32. Causal masking follows
     SDPA (query i sees keys j <= i). With return_lse, also returns the natural-log LSE [B, Hq, Nq] in fp32.
-    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), "auto" (per-arch table), or "fine" (FP16 P·V
-    and per-token K scales: the most accurate 8-bit variant, which calibration picks before exact attention).
+    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), "auto" (per-arch table), "fine" (FP16 P·V
+    and per-token K scales: the most accurate 8-bit variant, which calibration picks before exact attention), or
+    "int8" (INT8 P·V with per-block V scales, per-token K scales and Hadamard-rotated Q and K).
     """
     check_args(q, k, v, layout, pv, scale)
     out, lse = _op(q, k, v, layout, bool(is_causal), float(scale) if scale is not None else 0.0, pv,

@@ -3,6 +3,7 @@
 Numbers for sm90 come from bench/ runs on the lent H100 and H200 (see bench/NOTES.md); the other arches carry the
 same shapes scaled to their shared memory until measured there.
 """
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -57,17 +58,22 @@ NEVER = 1 << 62  # a pair count no call reaches: sage_sdpa keeps SDPA
 
 def _tiles(big: Tile, small: Tile, wide: Tile) -> dict:
     return {(d, pv): (wide if d == 256 else big if d >= 128 else small)
-            for d in (32, 64, 128, 256) for pv in ("fp16", "fp8")}
+            for d in (32, 64, 128, 256) for pv in ("fp16", "fp8", "int8")}
 
 
 _AMPERE = _tiles(Tile(128, 64, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 8, 2))
+# INT8 P·V on the mma.sync arches: 8 warps of 16 query rows at every head dim up to 128 (the 4-warp tile spilled
+# 8-40 B at 255 registers at head dims 32-64) and 32-key blocks at 256 (64 spilled 8-24 B); none spill
+# (bench/arch_check.py). Not yet timed on these GPUs.
+_AMPERE.update({(d, "int8"): Tile(128, 64, 8, 2) for d in (32, 64, 128)})
+_AMPERE[(256, "int8")] = Tile(64, 32, 8, 2)
 # sm89 and sm120 (FP8 through mma.sync, 99 KB of shared memory): Ampere's tiles, but FP8 P·V at head dim 256 takes
 # 32-key blocks; with 64 it spills 240-1432 B a thread at 255 registers, 32 spills nothing (bench/arch_check.py).
 _ADA = {**_AMPERE, (256, "fp8"): Tile(64, 32, 8, 2)}
 # sm90, from the tile sweeps in bench/NOTES.md (H100, N=16384): one warpgroup per 64 query rows, 128-key blocks
 # through the bulk-copy engine, registers capped so that three (head dim 128) or four (head dim <= 64) CTAs share
 # an SM and one CTA's softmax overlaps another's MMAs.
-_HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8")}
+_HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8", "int8")}
 # FP8 full attention at head dim 128: one producer warp and three consumer warpgroups per CTA (twelve consumer
 # warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-10% over it on the H200 (bench/NOTES.md,
 # v9). At head dim 64 it measured 4% slower than the Triton kernel's four CTAs per SM: not used there.
@@ -76,6 +82,10 @@ _HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128)
                 (128, "fp16"): Tile(64, 128, 4, 2, True)})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
 _HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128) for d in (32, 64)})
+# INT8 P·V (pv="int8"): the FP8 tiles without the warp-specialized kernel or a register cap (capped at 168, head
+# dim 128 spilled 280 B), until measured on the H200
+_HOPPER.update({(d, "int8"): dataclasses.replace(_HOPPER[(d, "fp8")], ws=None, maxnreg=None, pointer_maxnreg=None)
+                for d in (32, 64, 128)})
 
 ARCHES = {
     "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),

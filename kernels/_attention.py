@@ -1,4 +1,5 @@
-"""The attention kernel: INT8 Q·Kᵀ, exp2 online softmax, P·V in FP16/BF16 or FP8 with FP32 accumulation.
+"""The attention kernel: INT8 Q·Kᵀ, exp2 online softmax, P·V in FP16/BF16 or FP8 with FP32 accumulation, or in
+INT8 with int32 accumulation per key block.
 
 One source for causal and full attention, every head dim, both P·V types and both ways of loading tiles: the
 differences are constexpr. Reads the padded tensors written by _quant.py (no masks on q/k loads) and, on the
@@ -11,6 +12,10 @@ import triton.language as tl
 # FP8 path: P is scaled so its largest element is just under 448 (the e4m3 maximum), which keeps small
 # probabilities out of the subnormal range; the scale cancels in acc / l and is removed from the LSE.
 P_SHIFT_FP8 = 8.8060  # < log2(448)
+# INT8 path: P is unsigned, round(255 · exp2(score − the key block's row max)): every block keeps 8 bits, however
+# far below the row's running max it sits (at the running max, blocks far below it kept a few levels: relative L1
+# 0.061 against 0.024 on kbias, bench/NOTES.md v10 study). Its scale cancels in acc / l and leaves the LSE.
+P_SHIFT_INT8 = 7.9943534  # log2(255)
 LN2 = tl.constexpr(0.6931471805599453)
 # int32 -> fp32 without the quarter-rate I2F instruction: for |s| < 2^22, the bits of 1.5·2^23 plus s read as the
 # float 1.5·2^23 + s exactly (|Q·K| <= 127²·256 < 2^22), and the offset folds into the softmax FMA.
@@ -54,10 +59,11 @@ def _max_tree(x):
 
 
 @triton.jit
-def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad, svb, svh, svn,
+def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad,
+            svb, svh, svn,
             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr,
-            USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr):
+            USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr):
     cols0 = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
@@ -75,8 +81,14 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
         if K_TOKEN:  # a scale per key: the offset comes out first, then one multiply more per score
             s = (s - MAGIC) * tl.load(ks_ptr + cols)[None, :]
             c = qs
-            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-            p = tl.math.exp2(s * c[:, None] - (m_new - P_SHIFT)[:, None])
+            if PV_INT8:  # P relative to this block's row max; a row that sees none of its keys takes m_new (p = 0)
+                m_blk = tl.max(s, 1) * c
+                m_new = tl.maximum(m_i, m_blk)
+                m_ref = tl.where(m_blk > float("-inf"), m_blk, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+                m_ref = m_new
+            p = tl.math.exp2(s * c[:, None] - (m_ref - P_SHIFT)[:, None])
         else:
             # K has one scale per key block and lane quad (keys 8j + 2r + e share scale r): each thread of the MMA
             # layout holds one r, so its scale is one number per row, q's scale (with sm_scale*log2e) times k's.
@@ -86,12 +98,26 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
             off = m_new[:, None] + MAGIC * c - P_SHIFT
             p = tl.math.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape(BLOCK_M, BLOCK_N)
         alpha = tl.math.exp2(m_i - m_new)
-        if PV_FP8:
+        if PV_FP8 or PV_INT8:
             if USE_TMA:
                 vt = V.load([bhk, 0, n0]).reshape(DP, BLOCK_N)
             else:
                 vt = _load(V + (bhk.to(tl.int64) * D + d[:, None]) * Nk_pad + cols[None, :], d[:, None] < D, D != DP,
                            0.0)
+        if PV_INT8:
+            # round(p) − 128 as a signed byte: adding MAGIC − 128 rounds p to an integer (ulp 1 there, ties to
+            # even) whose low byte is round(p) − 128. The MMA's initial value MAGIC_BITS + 128·colsum(V8) puts the
+            # offset back: the int32 sum reads as the float MAGIC + Σ round(p)·V8, exact (|Σ| <= 255·127·128 < 2^22).
+            p8 = _mma_a_order((p + (MAGIC - 128.0)).to(tl.int32, bitcast=True).to(tl.int8))
+            blk = (n0 // BLOCK_N) * D + d
+            init = (_load(vc_ptr + blk, d < D, D != DP).to(tl.int32) << 7) + MAGIC_BITS
+            x = (tl.dot(p8, tl.trans(vt), out_dtype=tl.int32) + init[None, :]).to(tl.float32, bitcast=True) - MAGIC
+            # the block's P·V and row sums (of the unrounded p) weigh exp2(m_ref − m_new); V's scales per channel
+            beta = tl.math.exp2(m_ref - m_new)
+            vs = _load(vs_ptr + blk, d < D, D != DP, 1.0).to(tl.float32)
+            acc = acc * alpha[:, None] + x * (beta[:, None] * vs[None, :])
+            l_i = l_i * alpha + beta * tl.sum(p, 1)
+        elif PV_FP8:
             p = _mma_a_order(p.to(tl.float8e4nv))
             # Row sums on the tensor cores (P times a ones tile) instead of a row of adds per thread (measured
             # faster on this path only). Both sums are two-level: FP8 products summed over one block, then added
@@ -111,14 +137,15 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo,
 
 
 @triton.jit
-def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
+def _attn_kernel(Q8, QS, K8, KS, V, VS, VC, O, LSE,
                  svb, svh, svn, sob, soh, son,
                  Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
                  D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_LSE: tl.constexpr, P_SHIFT: tl.constexpr,
-                 USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr):
+                 USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr):
     tl.static_assert(DP <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
+    tl.static_assert(not PV_INT8 or (K_TOKEN and BLOCK_N <= 128))  # ... and |P·V8| (per key block) too
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -135,6 +162,8 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
     qs = tl.load(QS + bh.to(tl.int64) * Nq_pad + rows)
     nkb = Nk_pad // BLOCK_N
     ks_ptr = KS + bhk.to(tl.int64) * (Nk_pad if K_TOKEN else nkb * 4)
+    vs_ptr = VS + bhk.to(tl.int64) * nkb * D  # INT8 path: V's scales and column sums per key block and channel
+    vc_ptr = VC + bhk.to(tl.int64) * nkb * D
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if PV_FP8:
@@ -153,12 +182,12 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
     else:
         hi = Nk
         lo_mask = full_end
-    acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, 0, lo_mask, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, False, P_SHIFT,
-                            USE_TMA, K_TOKEN)
-    acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, bhk, b, hk, rows, d, lo_mask, hi, Nk,
-                            Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, True, P_SHIFT,
-                            USE_TMA, K_TOKEN)
+    acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, 0,
+                            lo_mask, Nk, Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, False,
+                            P_SHIFT, USE_TMA, K_TOKEN, PV_INT8)
+    acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, lo_mask,
+                            hi, Nk, Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, True,
+                            P_SHIFT, USE_TMA, K_TOKEN, PV_INT8)
 
     if PV_FP8:
         l_i = tl.max(l_i, 1)
@@ -174,7 +203,7 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, O, LSE,
         tl.store(lse_ptrs, tl.load(lse_ptrs, mask=row_ok) + (m_i + tl.math.log2(l_i) - P_SHIFT) * LN2, mask=row_ok)
 
 
-def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
+def _descriptors(qz, v, dims, block_m, block_n, v8):
     """Tensor descriptors for the bulk-copy path, or None where a tensor's strides do not allow it."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -184,7 +213,7 @@ def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
         return None  # rows of D % 16 != 0 bytes: the bulk-copy engine needs 16-byte strides
     dq = TensorDescriptor(q8, [B * Hq, q8.shape[2], D], [q8.shape[2] * q8.shape[3], q8.shape[3], 1], [1, block_m, DP])
     dk = TensorDescriptor(k8, [B * Hkv, k8.shape[2], D], [k8.shape[2] * k8.shape[3], k8.shape[3], 1], [1, block_n, DP])
-    if fp8_v:
+    if v8:  # 8-bit v, transposed
         v8 = qz.v8
         dv = TensorDescriptor(v8, [B * Hkv, D, v8.shape[3]], [D * v8.shape[3], v8.shape[3], 1], [1, DP, block_n])
     else:
@@ -196,7 +225,7 @@ def _descriptors(qz, v, dims, block_m, block_n, fp8_v):
 
 
 def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages, tma=False,
-              maxnreg=None, k_token=False, pointer_maxnreg=None):
+              maxnreg=None, k_token=False, pointer_maxnreg=None, int8_v=False):
     """Launch over the tensors from _quant.quantize. `v` is the user's [B, Hkv, Nk, D] view on the 16-bit path;
     `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
@@ -205,17 +234,20 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
 
     # tma on a Triton without tensor descriptors (before 3.4), or rows the bulk-copy engine cannot take: the same
     # tile through pointer loads, with the tile's cap for that path (_arch.Tile.pointer_maxnreg)
-    srcs = _descriptors(qz, v, dims, block_m, block_n, fp8_v) if tma and has_tensor_descriptors() else None
+    v8 = fp8_v or int8_v
+    srcs = _descriptors(qz, v, dims, block_m, block_n, v8) if tma and has_tensor_descriptors() else None
     if srcs is None:
-        srcs = (qz.q8, qz.k8, qz.v8 if fp8_v else v)
+        srcs = (qz.q8, qz.k8, qz.v8 if v8 else v)
         maxnreg = pointer_maxnreg if tma else maxnreg
     grid = (Nq_pad // block_m, B * Hq)
     _attn_kernel[grid](
-        srcs[0], qz.qs, srcs[1], qz.ks, srcs[2], qz.vs if fp8_v else qz.ks, out, lse if lse is not None else qz.qs,
+        srcs[0], qz.qs, srcs[1], qz.ks, srcs[2], qz.vs if v8 else qz.ks, qz.vc if int8_v else qz.ks, out,
+        lse if lse is not None else qz.qs,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None, P_SHIFT=P_SHIFT_FP8 if fp8_v else 0.0,
-        USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token,
+        CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None,
+        P_SHIFT=P_SHIFT_FP8 if fp8_v else P_SHIFT_INT8 if int8_v else 0.0,
+        USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token, PV_INT8=int8_v,
         num_warps=num_warps, num_stages=num_stages, **launch_options(maxnreg),
     )

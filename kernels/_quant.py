@@ -1,4 +1,4 @@
-"""Fused quantization: one launch reads q, k, v once and writes INT8 q and k, FP8 v (when P·V is FP8), and scales.
+"""Fused quantization: one launch reads q, k, v once and writes INT8 q and k, FP8 or INT8 v (8-bit P·V), and scales.
 
 - q: one scale per token (finest granularity, free in the attention kernel: it scales a row), with
   `softmax scale · log2(e)` folded in so the attention kernel's softmax is a single exp2.
@@ -13,10 +13,16 @@
   whole-sequence scale lets the attention kernel apply it once after its loop instead of once per key block
   (per-block scales measured no more accurate: bench/NOTES.md); its maximum is one extra read of v before the
   launch.
+- INT8 P·V path (pv="int8"): v as INT8 with a scale per key block and channel, computed by the program that
+  quantizes the block (no pass before the launch), and that block's int32 column sums, stored as int16 (|sum| <=
+  127·128); k per token; q and k rotated first by a block-Hadamard matrix (rotation_width: exact in exact
+  arithmetic, since (qH)·(kH) = ROT·q·k, it spreads a channel that carries a large offset over the block, so
+  no one channel sets a token's scale).
 
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
 masks), not along the head dim. Extra memory: 0.5x q+k+v for the 8-bit copies plus 4 bytes per q row (and per k
-row with per-token scales): within 0.6x from head dim 16 (tests/test_kernels_gpu.py, bench/memory.py).
+row with per-token scales), and on the INT8 path 4 bytes per key block and channel: within 0.6x from head dim 16
+(tests/test_kernels_gpu.py, bench/memory.py).
 """
 from dataclasses import dataclass
 
@@ -40,53 +46,84 @@ def _round_int8(x):
 
 
 @triton.jit
-def _load_tile(ptrs, row_ok, d, D: tl.constexpr, DP: tl.constexpr):
-    if D == DP:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    return tl.load(ptrs, mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+def _hadamard(x, ROT: tl.constexpr):
+    """x [R, DP] times the block-diagonal ±1 Hadamard matrix with ROT-wide blocks (Sylvester's: H[i, j] =
+    (-1)^popcount(i & j)), in fp32. On the tensor cores in x's dtype: ±1 products are exact, sums in fp32 (fp32
+    inputs take IEEE fp32, not TF32). Unnormalized (H·Hᵀ = ROT·I): the 1/ROT of (qH)·(kH) goes into q's scale."""
+    R: tl.constexpr = x.shape[0]
+    DP: tl.constexpr = x.shape[1]
+    W: tl.constexpr = 16 if ROT < 16 else ROT  # tl.dot's narrowest operand: ROT-wide blocks on a W-wide diagonal
+    i = tl.arange(0, W)
+    ij = i[:, None] & i[None, :]
+    odd = ij & 1
+    for bit in tl.static_range(1, 7):  # parity of i & j (W <= 128)
+        odd = odd ^ ((ij >> bit) & 1)
+    # through fp32: the interpreter converts int32 to bfloat16 as raw bits (-1 became a NaN)
+    h = tl.where(i[:, None] // ROT == i[None, :] // ROT, 1.0 - 2.0 * odd, 0.0).to(x.dtype)
+    xw = x.reshape(R * (DP // W), W)
+    if x.dtype == tl.float32:
+        y = tl.dot(xw, h, input_precision="ieee")
+    else:
+        y = tl.dot(xw, h, out_dtype=tl.float32)
+    return y.reshape(R, DP)
 
 
 @triton.jit
-def _k_mean(kbase, skn, Nk, d, D: tl.constexpr, DP: tl.constexpr, SAMPLE_N: tl.constexpr):
+def _load_tile(ptrs, row_ok, d, D: tl.constexpr, DP: tl.constexpr, ROT: tl.constexpr):
+    """A [rows, DP] tile in fp32, zeros past the head dim and the valid rows; rotated where ROT > 1."""
+    if D == DP:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    if ROT > 1:
+        return _hadamard(x, ROT)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _k_mean(kbase, skn, Nk, d, D: tl.constexpr, DP: tl.constexpr, SAMPLE_N: tl.constexpr, ROT: tl.constexpr):
     """K's smoothing vector: the mean of SAMPLE_N evenly spaced tokens (the same in every program that asks)."""
     si = tl.arange(0, SAMPLE_N)
     srows = (si.to(tl.int64) * Nk) // SAMPLE_N
-    return tl.sum(_load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP), axis=0) / SAMPLE_N
+    x = _load_tile(kbase + srows[:, None] * skn + d[None, :], si < SAMPLE_N, d, D, DP, ROT)
+    return tl.sum(x, axis=0) / SAMPLE_N
 
 
 @triton.jit
 def _quant_q(Q, Q8, QS, LSE, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult, hk,
              D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_Q: tl.constexpr, SAMPLE_N: tl.constexpr,
-             Q_DOT_KMEAN: tl.constexpr):
-    # q: per-token scale, with softmax scale * log2(e) folded in.
+             Q_DOT_KMEAN: tl.constexpr, ROT: tl.constexpr):
+    # q: per-token scale, with softmax scale * log2(e) (and the rotation's 1/ROT) folded in.
     d = tl.arange(0, DP)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
-                   + d[None, :], rows < Nq, d, D, DP)
+                   + d[None, :], rows < Nq, d, D, DP, ROT)
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.where(amax > 0, amax / 127.0, 1.0)
     x8 = _round_int8(x * (1.0 / s)[:, None])
     base = (bh.to(tl.int64) * Nq_pad + rows) * DS
     tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
-    tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * q_mult)
+    tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * (q_mult / ROT))
     if Q_DOT_KMEAN:
         # softmax scale · q·m in fp32 from the unquantized q: what the kernel's LSE lacks after K's smoothing,
-        # written into the LSE output, to which the attention kernel adds its own (no buffer of its own)
-        m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N)
-        tl.store(LSE + bh.to(tl.int64) * Nq + rows, tl.sum(x * m[None, :], axis=1) * (q_mult * LN2), mask=rows < Nq)
+        # written into the LSE output, to which the attention kernel adds its own (no buffer of its own); both
+        # rotated where ROT > 1: (qH)·(mH) = ROT · q·m
+        m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N, ROT)
+        tl.store(LSE + bh.to(tl.int64) * Nq + rows, tl.sum(x * m[None, :], axis=1) * (q_mult * LN2 / ROT),
+                 mask=rows < Nq)
 
 
 @triton.jit
 def _quant_k(K, K8, KS, KM, bh, b, h, pid, skb, skh, skn, Nk, Nk_pad,
              D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr,
-             K_TOKEN: tl.constexpr):
+             K_TOKEN: tl.constexpr, ROT: tl.constexpr):
     # k: smoothing vector from SAMPLE_N evenly spaced tokens (identical in every program), one scale per block
-    # (or per token).
+    # (or per token); rotated first where ROT > 1, so the smoothing vector is the rotated keys' mean.
     d = tl.arange(0, DP)
     rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    mean = _k_mean(kbase, skn, Nk, d, D, DP, SAMPLE_N)
-    x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP)
+    mean = _k_mean(kbase, skn, Nk, d, D, DP, SAMPLE_N, ROT)
+    x = _load_tile(kbase + rows[:, None].to(tl.int64) * skn + d[None, :], rows < Nk, d, D, DP, ROT)
     x = tl.where((rows < Nk)[:, None], x - mean[None, :], 0.0)
     base = (bh.to(tl.int64) * Nk_pad + rows) * DS
     if K_TOKEN:
@@ -113,26 +150,37 @@ def v_slot(n):
 
 
 @triton.jit
-def _quant_v(V, V8, VS, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
-             D: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # v (FP8 path): per-channel scale (computed before the launch), written transposed [D, Nk_pad]; pad tokens
-    # become zeros.
+def _quant_v(V, V8, VS, VC, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
+             D: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr, V_INT8: tl.constexpr):
+    # v, written transposed [D, Nk_pad], pad tokens zeros. FP8: per-channel scale (computed before the launch).
+    # INT8: this program's tokens are one key block; a scale per channel of it, and its int8 column sums (the
+    # attention kernel folds P's offset of 128 back through them).
     d = tl.arange(0, DP)
     rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
-                   + d[None, :], rows < Nk, d, D, DP)
-    s = tl.load(VS + bh.to(tl.int64) * DP + d)
-    x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
+                   + d[None, :], rows < Nk, d, D, DP, 1)
+    if V_INT8:
+        amax = tl.max(tl.abs(x), axis=0)
+        s = tl.where(amax > 0, amax / 127.0, 1.0)
+        # stored as bfloat16 (the buffers stay within 0.6x q+k+v at head dim 16), rounded up so |v / s| <= 127
+        s = ((s.to(tl.int32, bitcast=True) + 0xFFFF) & -65536).to(tl.float32, bitcast=True)
+        x8 = _round_int8(x * (1.0 / s)[None, :])
+        blk = (bh.to(tl.int64) * (Nk_pad // BLOCK_K) + pid) * D + d
+        tl.store(VS + blk, s.to(tl.bfloat16), mask=d < D)
+        tl.store(VC + blk, tl.sum(x8.to(tl.int32), axis=0).to(tl.int16), mask=d < D)
+    else:
+        s = tl.load(VS + bh.to(tl.int64) * DP + d)
+        x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
     tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + v_slot(rows)[:, None], x8, mask=d[None, :] < D)
 
 
 @triton.jit
-def _quant_kernel(Q, K, V, Q8, QS, LSE, K8, KS, KM, V8, VS,
+def _quant_kernel(Q, K, V, Q8, QS, LSE, K8, KS, KM, V8, VS, VC,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr,
-                  K_TOKEN: tl.constexpr, Q_DOT_KMEAN: tl.constexpr):
+                  K_TOKEN: tl.constexpr, Q_DOT_KMEAN: tl.constexpr, V_INT8: tl.constexpr, ROT: tl.constexpr):
     # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -141,13 +189,13 @@ def _quant_kernel(Q, K, V, Q8, QS, LSE, K8, KS, KM, V8, VS,
         if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
             h = bh % Hq
             _quant_q(Q, Q8, QS, LSE, K, bh, bh // Hq, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq, Nk, Nq_pad, q_mult,
-                     h // (Hq // Hkv), D, DP, DS, BLOCK_Q, SAMPLE_N, Q_DOT_KMEAN)
+                     h // (Hq // Hkv), D, DP, DS, BLOCK_Q, SAMPLE_N, Q_DOT_KMEAN, ROT)
     elif (pid * BLOCK_K < Nk_pad) & (bh < BHkv):
         if role == 1:
             _quant_k(K, K8, KS, KM, bh, bh // Hkv, bh % Hkv, pid, skb, skh, skn, Nk, Nk_pad, D, DP, DS, BLOCK_K,
-                     SAMPLE_N, K_TOKEN)
+                     SAMPLE_N, K_TOKEN, ROT)
         elif QUANT_V:
-            _quant_v(V, V8, VS, bh, bh // Hkv, bh % Hkv, pid, svb, svh, svn, Nk, Nk_pad, D, DP, BLOCK_K)
+            _quant_v(V, V8, VS, VC, bh, bh // Hkv, bh % Hkv, pid, svb, svh, svn, Nk, Nk_pad, D, DP, BLOCK_K, V_INT8)
 
 
 @triton.jit
@@ -161,7 +209,7 @@ def _v_amax_kernel(V, AMAX, svb, svh, svn, Hkv, Nk, D: tl.constexpr, DP: tl.cons
     amax = tl.zeros([DP], tl.float32)
     for i in range(BLOCKS):
         rows = (pid * BLOCKS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _load_tile(base + rows[:, None].to(tl.int64) * svn, rows < Nk, d, D, DP)
+        x = _load_tile(base + rows[:, None].to(tl.int64) * svn, rows < Nk, d, D, DP, 1)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     tl.atomic_max(AMAX + bh.to(tl.int64) * DP + d, amax, mask=d < D)
 
@@ -173,8 +221,9 @@ class Quantized:
     k8: torch.Tensor      # [B, Hkv, Nk_pad, DS] int8, smoothed
     ks: torch.Tensor      # [B, Hkv, Nk_pad // block_n, 4] fp32, or [B, Hkv, Nk_pad] with k_token
     kmean: torch.Tensor   # [B, Hkv, DP] fp32, the smoothing vector (tests check it against the model)
-    v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path)
-    vs: torch.Tensor | None   # [B, Hkv, DP] fp32
+    v8: torch.Tensor | None   # [B, Hkv, D, Nk_pad] float8_e4m3fn (FP8 path) or int8 (INT8 path)
+    vs: torch.Tensor | None   # [B, Hkv, DP] fp32 (FP8), [B, Hkv, Nk_pad // block_n, D] bf16 (INT8)
+    vc: torch.Tensor | None = None  # [B, Hkv, Nk_pad // block_n, D] int16: v8's column sums per key block (INT8)
 
 
 def row_bytes(D: int) -> int:
@@ -191,15 +240,24 @@ def quant_warps(head_dim_bucket: int) -> int:
     return 8 if head_dim_bucket >= 128 else 4
 
 
+def rotation_width(D: int) -> int:
+    """Width of the block-Hadamard rotation of q and k on the INT8 P·V path: the largest power of two dividing the
+    head dim (blocks must not straddle it), at most 64: 128-wide blocks spilled 272-736 B in the quantization
+    kernel at head dim 256 (bench/arch_check.py), and at head dim 128 the v10 study measured 64 as accurate as
+    the whole head (bench/NOTES.md). 1: none."""
+    return min(D & -D, 64)
+
+
 def _ceil(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
 def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
-             k_token: bool = False, lse: torch.Tensor | None = None) -> Quantized:
+             k_token: bool = False, lse: torch.Tensor | None = None, int8_v: bool = False, rot: int = 1) -> Quantized:
     """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP).
     `lse` ([B, Hq, Nq] fp32, the call's LSE output): receives scale · q·kmean per query row, the part of the LSE
-    that K's smoothing takes out; the attention kernel adds the rest."""
+    that K's smoothing takes out; the attention kernel adds the rest. `int8_v`: v as INT8 per key block and
+    channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     DS = row_bytes(D)
     Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
@@ -210,7 +268,12 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
                      device=dev)
     kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
-    if fp8_v:
+    vc = None
+    if int8_v:
+        v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.int8, device=dev)
+        vs = torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.bfloat16, device=dev)
+        vc = torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.int16, device=dev)
+    elif fp8_v:
         v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
         # max |v| per channel in our own pass: torch's reductions over the token axis allocated 4x v's bytes
         amax = torch.zeros((B, Hkv, DP), dtype=torch.float32, device=dev)
@@ -221,13 +284,15 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
         vs = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     else:
         v8 = vs = None
-    grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if fp8_v else 2)
+    quant_v = fp8_v or int8_v
+    grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if quant_v else 2)
     _quant_kernel[grid](
-        q, k, v, q8, qs, qs if lse is None else lse, k8, ks, kmean, v8 if fp8_v else k8, vs if fp8_v else ks,
+        q, k, v, q8, qs, qs if lse is None else lse, k8, ks, kmean, v8 if quant_v else k8, vs if quant_v else ks,
+        ks if vc is None else vc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
-        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=fp8_v, K_TOKEN=k_token,
-        Q_DOT_KMEAN=lse is not None, num_warps=quant_warps(DP), **launch_options(),
+        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=quant_v, K_TOKEN=k_token,
+        Q_DOT_KMEAN=lse is not None, V_INT8=int8_v, ROT=rot, num_warps=quant_warps(DP), **launch_options(),
     )
-    return Quantized(q8, qs, k8, ks, kmean, v8, vs)
+    return Quantized(q8, qs, k8, ks, kmean, v8, vs, vc)

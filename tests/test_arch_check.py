@@ -81,7 +81,8 @@ def test_every_table_key_compiled(report):
     table = sass.kernel_module("_arch").ARCHES
     archs = [a for a in arch_check.ARCHS if a not in rep["skipped"]]
     dims = arch_check.DIMS if FULL else arch_check.QUICK_DIMS
-    want = {(a, d, pv) for a in archs for d in dims for pv in ("fp16", "fine") + (("fp8",) if table[a].fp8 else ())}
+    want = {(a, d, pv) for a in archs for d in dims
+            for pv in ("fp16", "fine", "int8") + (("fp8",) if table[a].fp8 else ())}
     assert {(r["arch"], r["head_dim"], r["pv"]) for r in _attn(rep)} == want
     assert {(r["arch"], r["pv"]) for r in _attn(rep, dtype="bf16", lse=True)} == {(a, pv) for a, _, pv in want}
     quant = {(r["arch"], r["head_dim"], r["pv"], r["lse"]) for r in rep["configs"] if r["kernel"] == "quant"}
@@ -108,7 +109,7 @@ def test_launch_path_mirrors_attention_launch(monkeypatch):
     for name in arch_check.ARCHS:
         for D in arch_check.DIMS:
             dp = table.head_dim_bucket(D)
-            for pv in ("fp16", "fp8"):
+            for pv in ("fp16", "fp8", "int8"):
                 tile = table.ARCHES[name].tiles[(dp, pv)]
                 if (tile, D, pv) in seen:
                     continue
@@ -118,12 +119,13 @@ def test_launch_path_mirrors_attention_launch(monkeypatch):
                 qz = types.SimpleNamespace(
                     q8=torch.zeros(B, H, N, ds, dtype=torch.int8), qs=torch.zeros(B, H, N),
                     k8=torch.zeros(B, H, N, ds, dtype=torch.int8), ks=torch.zeros(B, H, N),
-                    v8=torch.zeros(B, H, D, N, dtype=torch.float8_e4m3fn), vs=torch.zeros(B, H, dp))
+                    v8=torch.zeros(B, H, D, N, dtype=torch.int8 if pv == "int8" else torch.float8_e4m3fn),
+                    vs=torch.zeros(B, H, dp), vc=torch.zeros(B, H, N, D, dtype=torch.int16))
                 v = torch.zeros(B, H, N, D, dtype=torch.float16)
                 att.attention(qz, v, torch.empty_like(v), None, dims=(B, H, H, N, N, D, dp), block_m=tile.block_m,
                               block_n=tile.block_n, causal=False, fp8_v=pv == "fp8", num_warps=tile.num_warps,
                               num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg,
-                              pointer_maxnreg=tile.pointer_maxnreg)
+                              pointer_maxnreg=tile.pointer_maxnreg, int8_v=pv == "int8", k_token=pv == "int8")
                 kw = launched.pop()
                 assert (kw["USE_TMA"], kw.get("maxnreg")) == sass.launch_path(tile, D), (name, D, pv)
     # both sides of the fallback were met: sm90's bulk-copy tiles at head dim 40 (unpadded 40-byte rows) always,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from comfy_sage import kernels
 from comfy_sage.kernels import _api, _arch, sage_attention, sage_sdpa
-from kernel_cases import cosine, exact, make_qkv, rel_l1
+from kernel_cases import INT8_TARGETS, cosine, exact, make_qkv, rel_l1
 
 pytestmark = pytest.mark.gpu
 
@@ -18,7 +18,7 @@ def _entry():
 
 
 def _pvs():
-    return ["fp16", "fp8"] if _entry().fp8 else ["fp16"]
+    return ["fp16", "fp8", "int8"] if _entry().fp8 else ["fp16", "int8"]
 
 
 def _tile(D, pv, tma):
@@ -38,6 +38,16 @@ def test_accuracy_targets_on_anchor_inputs(kind, D, causal):
             bound = 0.0385 if pv == "fp8" else (0.015 if kind == "randn" else 0.025)
             assert rel_l1(out, ref) <= bound, (pv, tma)
             assert cosine(out, ref) >= 0.999, (pv, tma)
+
+
+@pytest.mark.parametrize("kind,D,causal", [(k, d, c) for k in INT8_TARGETS for d in (64, 128) for c in (0, 1)])
+def test_int8_meets_v10_targets(kind, D, causal):
+    dtype = torch.bfloat16 if kind in ("qoutlier", "onehot") else torch.float16
+    q, k, v = make_qkv(1, 8, 8, 4096, 4096, D, dtype=dtype, device="cuda", kind=kind, seed=11)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=bool(causal))
+    for tma in (False, True):
+        out = _api._forward(q, k, v, "HND", bool(causal), None, "int8", False, tile=_tile(D, "int8", tma))[0]
+        assert rel_l1(out, ref) <= INT8_TARGETS[kind], tma
 
 
 @pytest.mark.parametrize("kind", ["randn", "kbias"])
@@ -172,7 +182,7 @@ def test_every_arch_table_runs_correctly_here(arch, monkeypatch):
         for causal in (False, True):
             q, k, v = make_qkv(1, 4, 2, 1500, 1500, D, device="cuda", seed=D)
             ref, ref_lse = exact(q, k, v, causal)
-            for pv in ("auto", "fp16", "fine", *(("fp8",) if entry.fp8 else ())):
+            for pv in ("auto", "fp16", "fine", "int8", *(("fp8",) if entry.fp8 else ())):
                 out, lse = sage_attention(q, k, v, is_causal=causal, pv=pv, return_lse=True)
                 err = rel_l1(out, ref)
                 assert err < (0.045 if (pv == "fp8" or (pv == "auto" and entry.pv_for(D) == "fp8")) else 0.02), \
