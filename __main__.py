@@ -43,7 +43,7 @@ def _attention(argv):
     ap = argparse.ArgumentParser(prog="python -m comfy_sage attention", description=COMMANDS["attention"])
     ap.add_argument("--n", type=int, default=None, help="sequence length (default 4096 on GPU, 64 on CPU)")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--pv", default="auto", choices=["auto", "fp16", "fp8", "fine"])
+    ap.add_argument("--pv", default="auto", choices=["auto", "fp16", "fp8", "fine", "int8"])
     args = ap.parse_args(argv)
     _interpret_on_cpu()
     import torch

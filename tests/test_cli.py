@@ -46,8 +46,8 @@ def test_doctor_and_bench():
     r = cli("bench", "--cpu-n", "32")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 8 and "speed needs one" in r.stdout
-    assert all("'sage_fp8': [0.99" in row for row in rows)
+    assert len(rows) == 16 and "speed needs one" in r.stdout  # 4 input kinds x head dims 64/128 x full/causal
+    assert all("'sage_fp8': [0.99" in row and "'sage_int8': [0.99" in row for row in rows)
     for command in ("video", "image", "attention", "bench", "doctor"):
         r = cli(command, "--help")
         assert r.returncode == 0 and "usage" in r.stdout, (command, r.stderr[-500:])
