@@ -18,7 +18,10 @@ attention share = 1 - none / variant), `sdpa_flash` and `sdpa_cudnn` (forced wit
 ComfyUI users get), `sdpa_default` (PyTorch's own choice), `sage` (`enable_sage(model)`), `sage_calibrated`
 (`enable_sage(model, calibrate=True)`) and `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
 rotary embedding left to diffusers' torch ops, so the gain is the attention's alone; the same as `sage` for the
-other families). Speed-ups are baseline time / variant time, on the extrapolated step and per layer.
+other families), and the peers where they import on a GPU (../shared/peers/): `sageattention2` (SageAttention 2's
+CUDA kernel) and `comfy_kitchen_int8` (ComfyUI core's INT8 attention), each answering the unmasked, non-causal
+16-bit calls of F.scaled_dot_product_attention (SDPA the rest; the JSON counts both). Speed-ups are baseline time /
+variant time, on the extrapolated step and per layer.
 
 Fidelity: a short flow-matching Euler loop (shifted sigmas, conditional calls only) from the same noise, on the
 same cut model, with exact attention (default SDPA) as reference; each variant's final latents get cosine, PSNR
@@ -41,7 +44,11 @@ import torch.nn.functional as F
 
 from .video_step import WAN_1_3B, WAN_14B, environment
 
-VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only", "none")
+# the peers (../shared/peers/) run where they import, on a GPU: SageAttention 2's CUDA kernel and comfy-kitchen's
+# INT8 attention (ComfyUI core's), each as F.scaled_dot_product_attention for the calls it takes
+PEERS = ("sageattention2", "comfy_kitchen_int8")
+VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only", *PEERS,
+            "none")
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_default")
 EIGHT_BIT = ("sage", "sage_calibrated", "sage_attention_only")
 
@@ -297,6 +304,9 @@ def attention_variant(name, model, cuda):
             yield info
     elif name == "sdpa_default":
         yield info
+    elif name in PEERS:
+        with _as_sdpa(_peer(name), info):
+            yield info
     elif name in EIGHT_BIT:
         # calibrated: the first call measures every site (running exactly), the later ones run its decision
         reports = enable_sage(model, calibrate=name == "sage_calibrated", fuse_rope=name != "sage_attention_only")
@@ -310,6 +320,60 @@ def attention_variant(name, model, cuda):
             disable_sage(model)
     else:
         raise ValueError(f"unknown variant {name!r}: use {', '.join(VARIANTS)}")
+
+
+def _peer(name):
+    """The peer's attention as fn(q, k, v, scale) on [B, H, N, D]; ImportError where it is not installed."""
+    if name == "sageattention2":
+        from sageattention import sageattn
+
+        return lambda q, k, v, scale: sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
+    from comfy_kitchen import int8_attention
+
+    return lambda q, k, v, scale: int8_attention(q, k, v, scale=scale)
+
+
+def default_variants(cuda: bool) -> list:
+    """VARIANTS, less the peers that are not installed (or a CPU: they are CUDA kernels)."""
+    out = []
+    for v in VARIANTS:
+        if v in PEERS:
+            try:
+                if not cuda:
+                    continue
+                _peer(v)
+            except ImportError:
+                continue
+        out.append(v)
+    return out
+
+
+@contextlib.contextmanager
+def _as_sdpa(fn, info):
+    """F.scaled_dot_product_attention answered by fn for the calls it takes (no mask, dropout or causal flag; equal
+    head counts; 16-bit), by SDPA for the rest; info["calls"] counts both over every call of the variant."""
+    orig = F.scaled_dot_product_attention
+    calls = info["calls"] = {"peer": 0, "sdpa": 0}
+    inside = []  # a peer that calls SDPA itself gets SDPA
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if (inside or attn_mask is not None or dropout_p or is_causal or query.dim() != 4
+                or key.shape[1] != query.shape[1] or query.dtype not in (torch.float16, torch.bfloat16)):
+            calls["sdpa"] += 1
+            return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        calls["peer"] += 1
+        inside.append(True)
+        try:
+            return fn(query, key, value, scale)
+        finally:
+            inside.pop()
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield info
+    finally:
+        F.scaled_dot_product_attention = orig
 
 
 def build(case: Case, layers: int, device, dtype):
@@ -489,7 +553,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no wan-1.3b-720p, fidelity of 8-bit only")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny configs on CPU (exact fallbacks): checks the script")
     ap.add_argument("--models", help=f"comma-separated subset of {', '.join(CASES)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset, run in this order")
+    ap.add_argument("--variants", help="comma-separated subset of VARIANTS, run in this order (default: all, less the "
+                    "peers that are not installed)")
     ap.add_argument("--layers", type=int, default=2, help="blocks of each kind actually run (real shapes)")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--reps", type=int)
@@ -499,7 +564,8 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     reps = args.reps if args.reps is not None else (2 if args.cpu_smoke else 3 if quick else 5)
     fid_steps = args.fidelity_steps if args.fidelity_steps is not None else (2 if args.cpu_smoke else 4)
-    variants = [v for v in args.variants.split(",") if v]
+    variants = ([v for v in args.variants.split(",") if v] if args.variants
+                else default_variants(not args.cpu_smoke and torch.cuda.is_available()))
     bad = [v for v in variants if v not in VARIANTS]
     cases = TINY_CASES if args.cpu_smoke else CASES
     names = args.models.split(",") if args.models else list(QUICK if args.quick and not args.cpu_smoke else cases)

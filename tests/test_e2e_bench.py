@@ -97,7 +97,7 @@ def test_smoke_reports_every_case_and_variant(smoke):
     assert list(res["cases"]) == list(e2e.TINY_CASES)
     assert res["gpu"] == "cpu" and "extrapolated" in res["method"]
     for name, case in res["cases"].items():
-        assert list(case["variants"]) == list(e2e.VARIANTS), name
+        assert list(case["variants"]) == e2e.default_variants(False), name  # the peers need a GPU
         for v, r in case["variants"].items():
             assert "error" not in r, (name, v, r.get("error"))
     png = out.with_suffix(".png")
@@ -141,3 +141,27 @@ def test_smoke_fidelity_and_paths(smoke):
             assert vs[v]["sites"] > 0 and vs[v]["counters"].get("sdpa:cpu", 0) > 0
             assert not any(k.startswith("int8") for k in vs[v]["counters"])
         assert vs["sdpa_default"]["counters"] == {}
+
+
+def test_peer_variant_takes_the_calls_it_supports():
+    """A peer answers F.scaled_dot_product_attention's plain calls; masked, causal, GQA, fp32 calls and the peer's
+    own SDPA calls go to SDPA, each counted."""
+    import torch.nn.functional as F
+
+    orig = F.scaled_dot_product_attention
+    q, k, v = (torch.randn(1, 2, 8, 16).half() for _ in range(3))
+
+    def peer(q_, k_, v_, scale):
+        seen.append(scale)
+        return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)  # a peer that calls SDPA itself
+
+    seen, info = [], {}
+    with e2e._as_sdpa(peer, info):
+        out = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+        F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True)
+        F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert F.scaled_dot_product_attention is orig and seen == [0.3]
+    assert torch.equal(out, orig(q, k, v, is_causal=True))
+    assert info["calls"] == {"peer": 1, "sdpa": 5}
