@@ -41,6 +41,7 @@ BUCKETS = (32, 64, 128, 256)
 # bucket: masked loads, and on sm90 the pointer path where int8 rows of D bytes are not 16-byte multiples (40, 72)
 PADDED = (40, 72, 80, 96, 160)
 DIMS = tuple(sorted(BUCKETS + PADDED))
+SPARSE_DIMS = (64, 128)  # the block-sparse kernel (_sparse.py): video models' head dims
 BF16_DIM = 128  # the bf16 call (with the LSE): fp16 and bf16 differ in the loads, casts and the 16-bit P·V MMA
 # the rope kernel: Wan's head dim 128, and 80, whose rows of 40 words give head strides not divisible by 16
 ROPE = ((128, "fp16"), (128, "bf16"), (80, "bf16"))
@@ -118,6 +119,8 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                              num_warps=quant_warps(dp))
                 for causal in (False, True):
                     out.append(dict(attn, causal=causal))
+                    if D in SPARSE_DIMS and pv == entry.pv_for(D):  # the block-sparse variant of the auto path
+                        out.append(dict(attn, causal=causal, sparse=True))
                     # as _api._warp_specialized picks it: full attention, FP8 P·V, an unpadded head dim, a tma tile
                     if ws and tile.ws is not None and tile.tma and pv == "fp8" and not causal and D == dp:
                         out.append(dict(base, kernel="attn_ws", causal=False, num_warps=4, consumers=tile.ws.consumers,
@@ -137,6 +140,8 @@ def label(c):
     s += f" {c['pv']}"
     if c["kernel"] != "quant":
         s += " causal" if c["causal"] else " full"
+    if c.get("sparse"):
+        s += " sparse"
     if c.get("dtype", "fp16") != "fp16":
         s += f" {c['dtype']}"
     return s + " lse" * bool(c.get("lse"))
@@ -169,7 +174,8 @@ def compile_one(c):
                 sass.kernel_module("_attention")._attn_kernel, arch=c["cap"], D=c["head_dim"], block_m=c["block_m"],
                 block_n=c["block_n"], fp8=c["pv"] == "fp8", causal=c["causal"], warps=c["num_warps"],
                 stages=c["num_stages"], maxnreg=c["maxnreg"], k_token=c["pv"] == "fine", tma=c["tma"],
-                store_lse=c.get("lse", False), dtype=c.get("dtype", "fp16"), int8=c["pv"] == "int8")
+                store_lse=c.get("lse", False), dtype=c.get("dtype", "fp16"), int8=c["pv"] == "int8",
+                sparse=c.get("sparse", False))
         elif c["kernel"] == "quant":
             k = sass.compile_quant(sass.kernel_module("_quant")._quant_kernel, arch=c["cap"], D=c["head_dim"],
                                    block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"],

@@ -101,6 +101,24 @@ def inputs(s, kind="randn", dtype=torch.float16, seed=0, device="cuda"):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def local_inputs(frames, height, width, heads, D, *, strength=3.0, length=2.0, seed=0, dtype=torch.float16,
+                 device="cuda"):
+    """q, k, v [1, heads, frames·height·width, D] with space-time locality, tokens in frame-major raster order (as
+    video models flatten their latents; Wan 720p: 21 × 45 × 80). q and k share random Fourier features of each
+    token's (frame, row, column) plus noise, so a logit is about strength² · mean cos(ω·Δposition) with ω ~
+    N(0, 1/length²) per head: largest around a token's own position, fading over `length` positions; v is noise."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    grid_ = torch.meshgrid(*(torch.arange(n, device=device) for n in (frames, height, width)), indexing="ij")
+    pos = torch.stack(grid_, -1).reshape(-1, 3).float()
+    N = pos.shape[0]
+    omega = torch.randn(heads, D // 2, 3, generator=g, device=device) / length
+    angle = torch.einsum("hfc,nc->hnf", omega, pos)
+    feat = torch.cat([angle.cos(), angle.sin()], -1) * (strength * D ** 0.25 / math.sqrt(D / 2))
+    q, k = (feat + torch.randn(heads, N, D, generator=g, device=device) / D ** 0.25 for _ in range(2))
+    v = torch.randn(heads, N, D, generator=g, device=device)
+    return tuple(t[None].to(dtype) for t in (q, k, v))
+
+
 def metrics(out, ref):
     o, r = out.float().flatten(), ref.float().flatten()
     return [round(F.cosine_similarity(o, r, dim=0).item(), 6), round(((o - r).abs().sum() / r.abs().sum()).item(), 6),

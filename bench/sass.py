@@ -108,11 +108,11 @@ def _options(warps, stages=None, maxnreg=None):
 
 
 def compile_attention(fn, *, arch=90, D, block_m, block_n, fp8, causal, warps, stages, maxnreg, k_token=False,
-                      tma=True, store_lse=False, dtype="fp16", extra=None, int8=False):
+                      tma=True, store_lse=False, dtype="fp16", extra=None, int8=False, sparse=False):
     """_attention._attn_kernel as _attention.attention launches it at head dim D (padded to its bucket DP, with
     masks where D != DP; int8 rows of _quant.row_bytes(D) bytes): through tensor descriptors (tma) or pointers,
     exactly as given (launch_path() gives what a launch picks), FP8, INT8 (with per-token K scales) or 16-bit V,
-    `dtype` (fp16, bf16) for v and the output."""
+    `dtype` (fp16, bf16) for v and the output; `sparse`: the block-sparse variant (a list of key blocks per tile)."""
     DP = head_dim_bucket(D)
     v8 = "fp8e4nv" if fp8 else "i8" if int8 else None
     if tma:
@@ -121,14 +121,15 @@ def compile_attention(fn, *, arch=90, D, block_m, block_n, fp8, causal, warps, s
         types_ = {k: f"tensordesc<{dt[k]}{shapes[k]}>" for k in shapes}
     else:
         types_ = {"Q8": "*i8", "K8": "*i8", "V": f"*{v8 or dtype}"}
-    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O=f"*{dtype}", VC="*i16")
+    types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")}, O=f"*{dtype}", VC="*i16", LUT="*i32", CNT="*i32")
     if int8:
         types_["VS"] = "*bf16"
     attention = kernel_module("_attention")
     p_shift = attention.P_SHIFT_FP8 if fp8 else attention.P_SHIFT_INT8 if int8 else 0.0
     const = dict(D=D, DP=DP, DS=kernel_module("_quant").row_bytes(D), BLOCK_M=block_m, BLOCK_N=block_n,
                  CAUSAL=causal, PV_FP8=fp8, STORE_LSE=store_lse,
-                 P_SHIFT=p_shift, USE_TMA=tma, K_TOKEN=k_token or int8, PV_INT8=int8, **(extra or {}))
+                 P_SHIFT=p_shift, USE_TMA=tma, K_TOKEN=k_token or int8, PV_INT8=int8, SPARSE=sparse,
+                 **(extra or {}))
     return _compile(fn, arch, types_, const, _options(warps, stages, maxnreg), divisible=_divisible(D))
 
 

@@ -83,9 +83,10 @@ def _warp_specialized(tile, causal, fp8_v, D, DP, config=()):
     return _attention_ws if _attention_ws.usable() else None
 
 
-def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
+def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None, sparse=None):
     """The op's implementation: checks, then the 8-bit kernel, or exact attention where the kernel failed on this
-    config (`_fallback`). `tile` overrides the arch table (benchmark sweeps only; failures then raise)."""
+    config (`_fallback`). `tile` overrides the arch table (benchmark sweeps only; failures then raise). `sparse`
+    (a _sparse.Request): visit only the key blocks its selection keeps, and set its density."""
     shape = B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
     entry = _arch.arch_of(q.device)
     if entry is None:
@@ -97,12 +98,12 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
     # what one compilation serves: failures are remembered per config
     config = (entry.name, str(q.dtype).replace("torch.", ""), f"D={D}", pv, "causal" if is_causal else "full",
-              layout, *(("lse",) if return_lse else ()))
+              layout, *(("lse",) if return_lse else ()), *(("sparse",) if sparse else ()))
     if tile is not None:  # a benchmark's tile: failures raise
-        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile)
+        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile, sparse)
     if _fallback.failed(config) is None:
         try:
-            return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape)
+            return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, sparse=sparse)
         except torch.cuda.OutOfMemoryError:
             if _fallback.strict():
                 raise
@@ -116,7 +117,7 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None):
     return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
 
 
-def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile=None):
+def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile=None, sparse=None):
     B, Hq, Hkv, Nq, Nk, D = shape
     from . import _attention, _quant  # triton is imported at first use, not with the package
 
@@ -140,12 +141,19 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
         qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
                              fp8_v=fp8_v, k_token=k_token, lse=lse, int8_v=int8_v,
                              rot=_quant.rotation_width(D) if int8_v else 1)
+        blocks = None
+        if sparse:
+            from . import _sparse
+
+            *blocks, sparse.density = _sparse.select(qh, kh, block_m=tile.block_m, block_n=tile.block_n,
+                                                     causal=is_causal, scale=scale, sparsity=sparse.sparsity)
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, int8_v=int8_v,
             num_warps=tile.num_warps,
-            num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg)
-        ws_kernel = _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
+            num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg,
+            sparse=blocks)
+        ws_kernel = None if sparse else _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
         if ws_kernel is None:
             triton_kernel()
         else:
@@ -160,7 +168,7 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
                     raise
                 _fallback.record(("ws", *config), e)
                 triton_kernel()
-    count("int8-fine" if pv == "fine" else f"int8-{pv}pv")
+    count("int8-sparse" if sparse else "int8-fine" if pv == "fine" else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
 
 

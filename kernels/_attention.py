@@ -60,12 +60,18 @@ def _max_tree(x):
 
 @triton.jit
 def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, lo, hi, Nk, Nk_pad,
-            svb, svh, svn,
+            svb, svh, svn, lut,
             D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, P_SHIFT: tl.constexpr,
-            USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr):
+            USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr, SPARSE: tl.constexpr):
+    """Key blocks [lo, hi) by token (dense), or entries [lo, hi) of this tile's list of key blocks (SPARSE)."""
     cols0 = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
+    STEP: tl.constexpr = 1 if SPARSE else BLOCK_N
+    for it in range(lo, hi, STEP):
+        if SPARSE:
+            n0 = tl.load(lut + it) * BLOCK_N
+        else:
+            n0 = it
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + cols0
         if USE_TMA:
@@ -137,13 +143,13 @@ def _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, 
 
 
 @triton.jit
-def _attn_kernel(Q8, QS, K8, KS, V, VS, VC, O, LSE,
+def _attn_kernel(Q8, QS, K8, KS, V, VS, VC, O, LSE, LUT, CNT,
                  svb, svh, svn, sob, soh, son,
-                 Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
+                 Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad, KMAX,
                  D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_LSE: tl.constexpr, P_SHIFT: tl.constexpr,
-                 USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr):
+                 USE_TMA: tl.constexpr, K_TOKEN: tl.constexpr, PV_INT8: tl.constexpr, SPARSE: tl.constexpr):
     tl.static_assert(DP <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     tl.static_assert(not PV_INT8 or (K_TOKEN and BLOCK_N <= 128))  # ... and |P·V8| (per key block) too
     pid_m = tl.program_id(0)
@@ -175,19 +181,26 @@ def _attn_kernel(Q8, QS, K8, KS, V, VS, VC, O, LSE,
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
     # Blocks every row of this tile sees whole run unmasked; the diagonal (causal) and the tail block are masked.
-    full_end = (Nk // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
-        lo_mask = tl.minimum(full_end, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+    # SPARSE: this tile's ascending list of key blocks (_sparse.py), its first CNT[0] entries unmasked.
+    lut = LUT + (bh.to(tl.int64) * (Nq_pad // BLOCK_M) + pid_m) * KMAX
+    if SPARSE:
+        cnt = CNT + (bh.to(tl.int64) * (Nq_pad // BLOCK_M) + pid_m) * 2
+        lo_mask = tl.load(cnt)
+        hi = tl.load(cnt + 1)
     else:
-        hi = Nk
-        lo_mask = full_end
+        full_end = (Nk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
+            lo_mask = tl.minimum(full_end, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+        else:
+            hi = Nk
+            lo_mask = full_end
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, 0,
-                            lo_mask, Nk, Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, False,
-                            P_SHIFT, USE_TMA, K_TOKEN, PV_INT8)
+                            lo_mask, Nk, Nk_pad, svb, svh, svn, lut, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8,
+                            False, P_SHIFT, USE_TMA, K_TOKEN, PV_INT8, SPARSE)
     acc, l_i, m_i = _blocks(acc, l_i, m_i, ones, q8, qs, K8, ks_ptr, V, vs_ptr, vc_ptr, bhk, b, hk, rows, d, lo_mask,
-                            hi, Nk, Nk_pad, svb, svh, svn, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, True,
-                            P_SHIFT, USE_TMA, K_TOKEN, PV_INT8)
+                            hi, Nk, Nk_pad, svb, svh, svn, lut, D, DP, DS, BLOCK_M, BLOCK_N, CAUSAL, PV_FP8, True,
+                            P_SHIFT, USE_TMA, K_TOKEN, PV_INT8, SPARSE)
 
     if PV_FP8:
         l_i = tl.max(l_i, 1)
@@ -225,9 +238,11 @@ def _descriptors(qz, v, dims, block_m, block_n, v8):
 
 
 def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_warps, num_stages, tma=False,
-              maxnreg=None, k_token=False, pointer_maxnreg=None, int8_v=False):
+              maxnreg=None, k_token=False, pointer_maxnreg=None, int8_v=False, sparse=None):
     """Launch over the tensors from _quant.quantize. `v` is the user's [B, Hkv, Nk, D] view on the 16-bit path;
-    `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None."""
+    `out` a [B, Hq, Nq, D] view (any strides, last dim contiguous); `lse` [B, Hq, Nq] fp32 or None. `sparse`:
+    (lut [B·Hq, query tiles, KMAX] int32 key blocks ascending, counts [B·Hq, query tiles, 2] int32: unmasked, all),
+    from _sparse.select, for these block sizes."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
     from ._compat import has_tensor_descriptors, launch_options  # here: bench/sass.py loads this module alone
@@ -242,12 +257,12 @@ def attention(qz, v, out, lse, *, dims, block_m, block_n, causal, fp8_v, num_war
     grid = (Nq_pad // block_m, B * Hq)
     _attn_kernel[grid](
         srcs[0], qz.qs, srcs[1], qz.ks, srcs[2], qz.vs if v8 else qz.ks, qz.vc if int8_v else qz.ks, out,
-        lse if lse is not None else qz.qs,
+        lse if lse is not None else qz.qs, *(sparse or (qz.qs, qz.qs)),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
+        Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad, sparse[0].shape[-1] if sparse else 0,
         D=D, DP=DP, DS=qz.q8.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, PV_FP8=fp8_v, STORE_LSE=lse is not None,
         P_SHIFT=P_SHIFT_FP8 if fp8_v else P_SHIFT_INT8 if int8_v else 0.0,
-        USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token, PV_INT8=int8_v,
+        USE_TMA=not isinstance(srcs[0], type(qz.q8)), K_TOKEN=k_token, PV_INT8=int8_v, SPARSE=sparse is not None,
         num_warps=num_warps, num_stages=num_stages, **launch_options(maxnreg),
     )

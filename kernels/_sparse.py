@@ -1,0 +1,115 @@
+"""Block-sparse 8-bit attention: which key blocks each query tile visits, chosen from pooled q and k.
+
+Per batch, head and query tile (the kernel's block_m rows): the tile's mean query against each key block's mean
+key (block_n keys) gives one score per block, scaled as the softmax's; the blocks are kept in descending softmax
+mass of those scores until the kept mass reaches `keep`. Always kept: the first `sink` key blocks (attention
+sinks), and in self-attention (Nq == Nk) the blocks holding the tile's own tokens, so no row is left without a
+key. Causal attention never keeps a block wholly above the diagonal. The kernel then runs the kept blocks exactly
+as the dense kernel runs all of them (same quantization, same online softmax over those keys) and skips the rest
+at no cost; the skipped blocks' mass is dropped from the softmax, which `keep` (and calibration, measuring the
+error on the model's own q and k) bounds.
+
+The scores are computed a few heads at a time so the selection's temporaries stay under CHUNK_BYTES.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """How much a call keeps."""
+
+    keep: float = 0.9   # softmax mass of the pooled scores each query tile keeps, in (0, 1]
+    sink: int = 1       # leading key blocks every tile keeps
+
+    def __post_init__(self):
+        if not 0.0 < self.keep <= 1.0 or math.isnan(self.keep):
+            raise ValueError(f"sparse keep must be in (0, 1] (the share of attention mass kept); got {self.keep}")
+        if self.sink < 0:
+            raise ValueError(f"sparse sink must be >= 0 key blocks; got {self.sink}")
+
+
+@dataclass
+class Request:
+    """One call's sparsity, and the density its selection kept (None where the call ran exact attention)."""
+    sparsity: Sparsity
+    density: float | None = None
+
+
+def sparse_attention(q, k, v, *, keep=0.9, sink=1, layout="HND", is_causal=False, scale=None, pv="auto",
+                     return_density=False):
+    """Block-sparse 8-bit attention (module docstring): sage_attention's arguments, plus `keep` (the share of
+    each query tile's pooled attention mass whose key blocks it visits) and `sink`. With return_density, also the
+    share of (query, key) block pairs it ran (None where it fell back to exact attention). Counted as int8-sparse."""
+    from . import _api
+
+    req = Request(Sparsity(float(keep), int(sink)))
+    out, _ = _api._forward(q, k, v, layout, bool(is_causal), scale, pv, False, sparse=req)
+    return (out, req.density) if return_density else out
+
+
+def _pool(x, block):
+    """Mean over each block of `block` tokens of x [B, H, N, D] (any strides), in fp32: [B, H, ceil(N/block), D].
+    Sums in fp32 without an fp32 copy of x."""
+    N = x.shape[2]
+    full = N // block * block
+    parts = []
+    if full:
+        parts.append(x[:, :, :full].unflatten(2, (full // block, block)).sum(3, dtype=torch.float32) / block)
+    if full < N:
+        parts.append(x[:, :, full:].sum(2, keepdim=True, dtype=torch.float32) / (N - full))
+    return torch.cat(parts, 2)
+
+
+def select(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
+    """(lut [B·Hq, query tiles, KMAX] int32, counts [B·Hq, query tiles, 2] int32, density) for q [B, Hq, Nq, D]
+    and k [B, Hkv, Nk, D]. The lut lists each tile's kept key blocks ascending (entries past its count unused);
+    counts holds how many of them need no mask (wholly inside the keys and, causal, wholly below the tile's first
+    row: the kernel's unmasked loop) and how many there are. density: kept (query, key) block pairs over those
+    the mask allows."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
+    dev = q.device
+    qm = _pool(q, block_m)                                                 # [B, Hq, nqb, D]
+    km = _pool(k, block_n).repeat_interleave(Hq // Hkv, 1)                # [B, Hq, nkb, D]
+    i = torch.arange(nqb, device=dev)[:, None]
+    j = torch.arange(nkb, device=dev)[None, :]
+    if causal:  # a block whose first key some row of the tile sees
+        allowed = j * block_n <= torch.clamp((i + 1) * block_m, max=Nq) - 1
+    else:
+        allowed = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
+    forced = j < sparsity.sink
+    if Nq == Nk:  # the tile's own tokens
+        forced = forced | ((j * block_n < (i + 1) * block_m) & ((j + 1) * block_n > i * block_m))
+    forced = forced & allowed
+    # unmasked: whole blocks of keys, and (causal) below the tile's first row, as the dense kernel splits them
+    limit = (Nk // block_n) * block_n
+    if causal:
+        limit = torch.clamp((i * block_m) // block_n * block_n, max=limit)
+    unmasked = (j + 1) * block_n <= limit
+    heads = max(1, CHUNK_BYTES // max(1, B * nqb * nkb * 16))
+    kept = torch.empty(B, Hq, nqb, nkb, dtype=torch.bool, device=dev)
+    for h0 in range(0, Hq, heads):
+        s = (qm[:, h0:h0 + heads] @ km[:, h0:h0 + heads].transpose(-1, -2)) * scale
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+        order = p.argsort(-1, descending=True)
+        mass = p.gather(-1, order).cumsum(-1)
+        # a block is kept while the mass before it is short of `keep` (so the block that crosses it is kept)
+        take = (mass - p.gather(-1, order)) < sparsity.keep
+        sel = torch.zeros_like(take).scatter_(-1, order, take)
+        kept[:, h0:h0 + heads] = (sel & allowed) | forced
+    counts_all = kept.sum(-1, dtype=torch.int32)
+    counts_unmasked = (kept & unmasked).sum(-1, dtype=torch.int32)
+    kmax = max(1, int(counts_all.max()))
+    lut = torch.empty(B, Hq, nqb, kmax, dtype=torch.int32, device=dev)
+    for h0 in range(0, Hq, heads):  # kept blocks first, ascending; the rest after them (never read)
+        key = torch.where(kept[:, h0:h0 + heads], j, j + nkb).to(torch.int32)
+        lut[:, h0:h0 + heads] = key.sort(-1).values[..., :kmax]
+    counts = torch.stack([counts_unmasked, counts_all], -1)
+    density = float(kept.sum()) / float((allowed.expand(B, Hq, nqb, nkb)).sum())
+    return lut.view(B * Hq, nqb, kmax), counts.view(B * Hq, nqb, 2).contiguous(), density

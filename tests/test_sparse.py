@@ -1,0 +1,104 @@
+"""Block-sparse 8-bit attention (kernels/_sparse.py): the selection, the kernel's skipping, errors and fallbacks.
+Kernels run through TRITON_INTERPRET=1 on CPU."""
+import pytest
+import torch
+
+from comfy_sage.bench.bench import local_inputs
+from comfy_sage.kernels import _api, _arch, _fallback, _sparse, counters, reset_counters
+from kernel_cases import exact, make_qkv, rel_l1
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TILE = _arch.Tile(32, 32, 4, 1)
+
+
+def run(q, k, v, causal, pv, keep, sink=1, layout="HND"):
+    req = _sparse.Request(_sparse.Sparsity(keep, sink))
+    out, _ = _api._forward(q, k, v, layout, causal, None, pv, False, tile=TILE, sparse=req)
+    return out, req.density
+
+
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 64, False), (2, 2, 1, 70, 70, 64, True),
+                                   (1, 2, 2, 45, 80, 40, False), (1, 1, 1, 80, 45, 128, True)])
+def test_keeping_everything_is_the_dense_kernel(shape, pv):
+    """keep=1: every allowed block, in order, through the same loops: bit for bit the dense kernel (odd lengths,
+    Nq != Nk both ways, GQA, causal, a padded head dim)."""
+    B, Hq, Hkv, Nq, Nk, D, causal = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, device=DEV, seed=Nq + D)
+    dense, _ = _api._forward(q, k, v, "HND", causal, None, pv, False, tile=TILE)
+    out, density = run(q, k, v, causal, pv, 1.0)
+    assert torch.equal(out, dense) and density == 1.0
+
+
+def test_selection_lists_blocks_ascending_with_sinks_and_diagonal():
+    q, k, _ = make_qkv(2, 4, 2, 200, 200, 64, seed=3)
+    for causal in (False, True):
+        lut, cnt, density = _sparse.select(q, k, block_m=32, block_n=32, causal=causal, scale=0.125,
+                                           sparsity=_sparse.Sparsity(0.3, 2))
+        nqb, nkb = 7, 7
+        assert lut.shape[:2] == (2 * 4, nqb) and cnt.shape == (2 * 4, nqb, 2) and 0 < density < 1
+        for bh in range(8):
+            for i in range(nqb):
+                unmasked, total = cnt[bh, i].tolist()
+                blocks = lut[bh, i, :total].tolist()
+                assert blocks == sorted(set(blocks)) and all(0 <= j < nkb for j in blocks)
+                assert {0, 1, i} <= set(blocks) or (causal and i < 1)  # sinks (where allowed) and the diagonal
+                if causal:
+                    assert max(blocks) == i  # nothing above the diagonal
+                    assert blocks[:unmasked] == [j for j in blocks if (j + 1) * 32 <= i * 32]
+                else:  # only the tail block (keys 192-199) needs a mask
+                    assert blocks[:unmasked] == [j for j in blocks if j < 6]
+
+
+def test_local_inputs_run_sparse_within_error():
+    """Space-time locality (8 frames of 8 × 16 tokens): keeping 90% of the pooled mass visits ~3/4 of the blocks
+    at ~1% relative L1; keeping more costs density and buys error."""
+    q, k, v = local_inputs(8, 8, 16, 1, 64, device=DEV)
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
+    dense, _ = _api._forward(q, k, v, "HND", False, None, "fp16", False, tile=TILE)
+    errs = {}
+    for keep in (0.8, 0.95):
+        out, density = run(q, k, v, False, "fp16", keep)
+        errs[keep] = (density, rel_l1(out.cpu(), ref))
+    (d8, e8), (d95, e95) = errs[0.8], errs[0.95]
+    assert d8 < d95 < 1 and d8 < 0.75 and e8 > e95, errs
+    assert e95 < rel_l1(dense.cpu(), ref) + 0.01 and e8 < 0.04, errs
+
+
+def test_random_inputs_have_no_locality_to_exploit():
+    """q, k without structure: pooled scores are flat, so the mass criterion keeps nearly every block, and a low
+    `keep` drops real attention (large error): what calibration sees and rejects."""
+    q, k, v = make_qkv(1, 2, 2, 256, 256, 64, device=DEV, seed=4)
+    ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
+    _, density = run(q, k, v, False, "fp16", 0.9)
+    assert density > 0.85
+    out, density = run(q, k, v, False, "fp16", 0.3)
+    assert density < 0.6 and rel_l1(out.cpu(), ref) > 0.2
+
+
+def test_public_call_counts_and_checks(monkeypatch):
+    q, k, v = local_inputs(2, 4, 8, 2, 64, device=DEV)
+    reset_counters()
+    out, density = _sparse.sparse_attention(q, k, v, keep=0.9, return_density=True)
+    assert out.shape == q.shape and counters() == {"int8-sparse": 1} and 0 < density <= 1
+    nhd = _sparse.sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD")
+    assert torch.equal(nhd.transpose(1, 2), out)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep must be in"):
+            _sparse.sparse_attention(q, k, v, keep=bad)
+    with pytest.raises(ValueError, match="head dims differ"):
+        _sparse.sparse_attention(q, k[..., :32], v)
+
+
+def test_kernel_failure_falls_back_to_exact(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, device=DEV, seed=2)
+    monkeypatch.setenv(_fallback.STRICT_ENV, "0")
+    monkeypatch.setattr(_sparse, "select", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    _fallback.forget()
+    reset_counters()
+    try:
+        out, density = _sparse.sparse_attention(q, k, v, return_density=True)
+    finally:
+        _fallback.forget()
+    assert density is None and counters() == {"sdpa:kernel_error": 1}
+    assert torch.equal(out, _fallback.exact_sdpa(q, k, v))
