@@ -170,6 +170,45 @@ def choose(errors: dict[str, float], budget: float = DEFAULT_BUDGET) -> str:
     return "exact"
 
 
+# Sparse attention (_sparse.py): the `keep` levels a site is measured at, densest first, and the density above
+# which a site stays dense (skipping less would not repay the selection's cost; random q/k keep > 85% at 0.9).
+SPARSE_LEVELS = (0.99, 0.95, 0.9, 0.8, 0.6)
+SPARSE_MAX_DENSITY = 0.85
+
+
+def sparse_errors(q, k, v, *, is_causal=False, scale=None, levels=SPARSE_LEVELS, pv="auto", rows=DEFAULT_ROWS,
+                  layout="HND") -> dict[float, tuple[float, float]]:
+    """keep -> (relative L1 against fp32 attention on up to `rows` evenly spaced query rows per head, density) of
+    `sparse_attention` at each level. The calls run whole (a tile's selection pools all its rows) and are not
+    counted; a call that fell back to exact attention measures (inf, 1.0)."""
+    from ._sparse import sparse_attention
+
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    elif layout != "HND":
+        raise ValueError(f"unknown layout {layout!r}: use 'HND' or 'NHD'")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    idx = sample_rows(q.shape[2], rows).to(q.device)
+    out = {}
+    with torch.no_grad():
+        ref = _reference(q.index_select(2, idx), k, v, idx, scale, is_causal)
+        ref_ok = bool(torch.isfinite(ref).all())
+        with _uncounted():
+            for keep in levels:
+                o, density = sparse_attention(q, k, v, keep=keep, is_causal=is_causal, scale=scale, pv=pv,
+                                              return_density=True)
+                ok = ref_ok and density is not None
+                out[keep] = (_rel_l1(o.index_select(2, idx), ref) if ok else math.inf, density if ok else 1.0)
+    return out
+
+
+def choose_keep(errors: dict[float, tuple[float, float]], budget: float = DEFAULT_BUDGET,
+                max_density: float = SPARSE_MAX_DENSITY) -> float | None:
+    """The sparsest measured level (lowest density) within `budget` and at most `max_density`, or None: dense."""
+    ok = [(density, keep) for keep, (err, density) in errors.items() if err <= budget and density <= max_density]
+    return min(ok)[1] if ok else None
+
+
 # ---- one model -----------------------------------------------------------------------------------------------
 def fingerprint(model, *, extra=None, samples: int = 64) -> str:
     """A cheap, deterministic hash of a model's weights (hex, 20 chars). `model`: a torch module, or an iterable

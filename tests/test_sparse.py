@@ -102,3 +102,19 @@ def test_kernel_failure_falls_back_to_exact(monkeypatch):
         _fallback.forget()
     assert density is None and counters() == {"sdpa:kernel_error": 1}
     assert torch.equal(out, _fallback.exact_sdpa(q, k, v))
+
+
+def test_calibration_goes_sparse_only_where_attention_is_local():
+    """Error-driven: on local inputs the sparsest level within budget is taken; on random q/k (no locality, as in
+    a model with random weights) no level is both within budget and sparse enough, and the site stays dense."""
+    from comfy_sage.kernels import calibrate
+
+    q, k, v = local_inputs(8, 8, 16, 1, 64, device=DEV)
+    errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
+    keep = calibrate.choose_keep(errs, budget=0.03)
+    assert keep is not None and errs[keep][1] <= calibrate.SPARSE_MAX_DENSITY and errs[keep][0] <= 0.03, errs
+    assert all(d >= errs[keep][1] for e, d in errs.values() if e <= 0.03)  # the sparsest within budget
+    q, k, v = make_qkv(1, 2, 2, 256, 256, 64, device=DEV, seed=4)
+    errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
+    assert calibrate.choose_keep(errs, budget=0.05) is None, errs
+    assert counters() == {}  # calibration's calls are not counted
