@@ -109,6 +109,7 @@ def test_calibration_goes_sparse_only_where_attention_is_local():
     a model with random weights) no level is both within budget and sparse enough, and the site stays dense."""
     from comfy_sage.kernels import calibrate
 
+    reset_counters()
     q, k, v = local_inputs(8, 8, 16, 1, 64, device=DEV)
     errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
     keep = calibrate.choose_keep(errs, budget=0.03)
