@@ -25,10 +25,13 @@ class Sparsity:
 
     keep: float = 0.9   # softmax mass of the pooled scores each query tile keeps, in (0, 1]
     sink: int = 1       # leading key blocks every tile keeps
+    ratio: float | None = None  # instead of `keep`: this share of each tile's allowed blocks, highest scores first
 
     def __post_init__(self):
         if not 0.0 < self.keep <= 1.0 or math.isnan(self.keep):
             raise ValueError(f"sparse keep must be in (0, 1] (the share of attention mass kept); got {self.keep}")
+        if self.ratio is not None and (not 0.0 < self.ratio <= 1.0 or math.isnan(self.ratio)):
+            raise ValueError(f"sparse ratio must be in (0, 1] (the share of key blocks kept); got {self.ratio}")
         if self.sink < 0:
             raise ValueError(f"sparse sink must be >= 0 key blocks; got {self.sink}")
 
@@ -40,14 +43,15 @@ class Request:
     density: float | None = None
 
 
-def sparse_attention(q, k, v, *, keep=0.9, sink=1, layout="HND", is_causal=False, scale=None, pv="auto",
-                     return_density=False):
+def sparse_attention(q, k, v, *, keep=0.9, sink=1, ratio=None, layout="HND", is_causal=False, scale=None,
+                     pv="auto", return_density=False):
     """Block-sparse 8-bit attention (module docstring): sage_attention's arguments, plus `keep` (the share of
-    each query tile's pooled attention mass whose key blocks it visits) and `sink`. With return_density, also the
+    each query tile's pooled attention mass whose key blocks it visits), `sink`, and `ratio` (a fixed share of
+    each tile's key blocks instead of `keep`: for benchmarks at a set density). With return_density, also the
     share of (query, key) block pairs it ran (None where it fell back to exact attention). Counted as int8-sparse."""
     from . import _api
 
-    req = Request(Sparsity(float(keep), int(sink)))
+    req = Request(Sparsity(float(keep), int(sink), None if ratio is None else float(ratio)))
     out, _ = _api._forward(q, k, v, layout, bool(is_causal), scale, pv, False, sparse=req)
     return (out, req.density) if return_density else out
 
@@ -98,9 +102,13 @@ def select(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
         s = (qm[:, h0:h0 + heads] @ km[:, h0:h0 + heads].transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
         order = p.argsort(-1, descending=True)
-        mass = p.gather(-1, order).cumsum(-1)
-        # a block is kept while the mass before it is short of `keep` (so the block that crosses it is kept)
-        take = (mass - p.gather(-1, order)) < sparsity.keep
+        if sparsity.ratio is not None:  # the tile's top ceil(ratio · allowed) blocks
+            rank = torch.arange(nkb, device=dev)
+            take = rank < torch.ceil(sparsity.ratio * allowed.sum(-1, keepdim=True))
+            take = take.expand_as(order)
+        else:  # a block is kept while the mass before it is short of `keep` (the block crossing it is kept)
+            mass = p.gather(-1, order).cumsum(-1)
+            take = (mass - p.gather(-1, order)) < sparsity.keep
         sel = torch.zeros_like(take).scatter_(-1, order, take)
         kept[:, h0:h0 + heads] = (sel & allowed) | forced
     counts_all = kept.sum(-1, dtype=torch.int32)

@@ -119,3 +119,15 @@ def test_calibration_goes_sparse_only_where_attention_is_local():
     errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
     assert calibrate.choose_keep(errs, budget=0.05) is None, errs
     assert counters() == {}  # calibration's calls are not counted
+
+
+def test_fixed_ratio_sets_the_density():
+    """ratio: each tile keeps that share of its allowed blocks (plus sinks and its own), whatever the scores: how
+    a benchmark runs a model with no locality (random weights) at a stated density."""
+    q, k, v = make_qkv(1, 2, 2, 512, 512, 64, device=DEV, seed=6)
+    for causal in (False, True):
+        lut, cnt, density = _sparse.select(q, k, block_m=32, block_n=32, causal=causal, scale=0.125,
+                                           sparsity=_sparse.Sparsity(sink=0, ratio=0.25))
+        assert 0.25 <= density <= 0.25 + 2 / 16, density  # ceil, and the diagonal block where not picked
+    with pytest.raises(ValueError, match="ratio must be in"):
+        _sparse.Sparsity(ratio=0.0)
