@@ -131,3 +131,24 @@ def test_fixed_ratio_sets_the_density():
         assert 0.25 <= density <= 0.25 + 2 / 16, density  # ceil, and the diagonal block where not picked
     with pytest.raises(ValueError, match="ratio must be in"):
         _sparse.Sparsity(ratio=0.0)
+
+
+def test_sparse_benchmark_script_smoke(tmp_path):
+    """bench/sparse.py end to end on a tiny shape (its GPU run is the H200's): every method on both inputs, the
+    sparse ones with their density, JSON and PNG written."""
+    import importlib.util
+    import json
+
+    from comfy_sage.bench import sparse as bench_sparse
+
+    out = tmp_path / "sparse.json"
+    assert bench_sparse.main([str(out), "--cpu-smoke"]) == 0
+    res = json.loads(out.read_text())
+    for case in ("local", "random"):
+        rows = res["results"][case]
+        assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25"}
+        assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
+        assert rows["sdpa"]["rel_l1"] < 0.01 and rows["sage_dense"]["rel_l1"] < 0.05, rows
+        assert all(0 < r["density"] <= 1 for m, r in rows.items() if m.startswith("sparse"))
+    if importlib.util.find_spec("matplotlib"):
+        assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
