@@ -6,7 +6,7 @@ By default the check's `quick` subset; COMFY_SAGE_ARCH_CHECK=full compiles every
 cache on two cores (CPU-seconds: the compiles' own cost; wall times on a shared machine, other jobs running):
 quick, Triton 3.9: 132 compiles, 313 CPU-s, 2 min 53 s; Triton 3.2: 102 compiles (no sm120, no Gluon), 359 CPU-s,
 6 min 40 s. Full, Triton 3.9: 509 compiles, 1376 CPU-s, 12 min 48 s; Triton 3.2: 392 compiles, 1223 CPU-s, 26 min
-35 s (contended). Runs in a subprocess: tests/conftest.py sets TRITON_INTERPRET=1, under which Triton's
+35 s (contended). Since then pv="int8" and the sparse kernel added 210 compiles to the full check (719 on 3.9). Runs in a subprocess: tests/conftest.py sets TRITON_INTERPRET=1, under which Triton's
 decorators make interpreter functions that do not compile.
 
 Which Tritons the spill assertions hold on: the compile limits (shared memory, 255 registers) are asserted on every
