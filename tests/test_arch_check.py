@@ -154,9 +154,13 @@ def _spills(rows):
 
 
 def test_quant_and_rope_never_spill(report):
-    """On every Triton: the quantization kernel (8 warps from head dim 128, _quant.quant_warps) and rope."""
+    """On every Triton: the quantization kernel (8 warps from head dim 128, _quant.quant_warps) and rope. The INT8
+    P·V path's quantization (q and k rotated on the tensor cores) only where Triton has tensor descriptors: Triton
+    3.2 spills 40-480 B there with the LSE's q·kmean (bounded by SPILL_CAP_3_2 like its other spills)."""
     rep, _ = report
-    assert not _spills(r for r in rep["configs"] if r["kernel"] in ("quant", "rope"))
+    rows = [r for r in rep["configs"] if r["kernel"] in ("quant", "rope")
+            and (_has_descriptors() or not r.get("int8_v"))]
+    assert rows and not _spills(rows)
 
 
 @pytest.mark.skipif(not _has_descriptors(), reason="tiles tuned on Tritons with tensor descriptors (docstring)")
