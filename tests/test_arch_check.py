@@ -13,7 +13,7 @@ Which Tritons the spill assertions hold on: the compile limits (shared memory, 2
 Triton, as they decide whether a launch works at all. Spills only cost speed, and the tiles were chosen and
 measured on Tritons with tensor descriptors (3.4+: 3.6 on the lent GPUs, 3.9 in CI), so the spill-free claims the
 table's comments rest on are asserted there only. Triton 3.2 is another compiler for these kernels: every sm90
-tile takes the pointer path, and every attention config with fp16 or FP8 P·V spills (72-1616 B a thread in
+tile takes the pointer path, and every attention config with fp16 or FP8 P·V spills (72-1424 B a thread in
 bench/results/arch-check-triton-3.2.0.json, against at most 256 B anywhere on 3.9). There the test bounds the worst
 stack by SPILL_CAP_3_2, which catches a kernel change making 3.2 much worse without claiming 3.2 runs the tuned
 kernels as measured. (Triton 3.3, also without tensor descriptors, is not measured.)"""
@@ -172,7 +172,7 @@ def test_no_spill_hd256_fp8_on_mma_sync_fp8_arches(report):
     assert rows and not _spills(rows)
 
 
-# Triton 3.2: the largest stack any config may have (worst in the report: 1616 B, sm90 hd72 fp16 causal)
+# Triton 3.2: the largest stack any config may have (worst in the report: 1424 B, sm90 hd72 fp16 causal)
 SPILL_CAP_3_2 = 2048
 
 
