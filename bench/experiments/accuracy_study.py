@@ -80,17 +80,10 @@ class Scheme:
     block_n: int = 128         # sm90's key block; sm80/86/89/120 run 64
 
 
-def hadamard(w):
-    h = torch.ones(1, 1)
-    while h.shape[0] < w:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(w)
-
-
 def rotate(x, w):
-    D = x.shape[-1]
-    w = min(w, D)
-    return (x.unflatten(-1, (D // w, w)) @ hadamard(w)).flatten(-2)
+    """x times the orthonormal block-Hadamard matrix of width min(w, D): the kernel's (unnormalized) matrix, scaled."""
+    w = min(w, x.shape[-1])
+    return R.rotate(x, w) / math.sqrt(w)
 
 
 def _quant_q_groups(q32, g, mult):
