@@ -100,6 +100,14 @@ def _reference(q, k, v, idx, scale, is_causal):
     return torch.cat(outs).reshape(B, H, R, D)
 
 
+def _as_hnd(layout, *ts):
+    if layout == "NHD":
+        return tuple(t.transpose(1, 2) for t in ts)
+    if layout != "HND":
+        raise ValueError(f"unknown layout {layout!r}: use 'HND' or 'NHD'")
+    return ts
+
+
 def _rel_l1(out, ref) -> float:
     if not bool(torch.isfinite(out).all()):
         return math.inf
@@ -121,10 +129,7 @@ def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp
     The kernel calls are not counted in `kernels.counters()`. A variant whose kernel failed here (it ran exact
     SDPA instead: `_fallback`) measures `inf`, so calibration never picks it.
     """
-    if layout == "NHD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    elif layout != "HND":
-        raise ValueError(f"unknown layout {layout!r}: use 'HND' or 'NHD'")
+    q, k, v = _as_hnd(layout, q, k, v)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, N, D], got shape {tuple(q.shape)}")
     Nq, D = q.shape[2], q.shape[3]
@@ -183,10 +188,7 @@ def sparse_errors(q, k, v, *, is_causal=False, scale=None, levels=SPARSE_LEVELS,
     counted; a call that fell back to exact attention measures (inf, 1.0)."""
     from ._sparse import sparse_attention
 
-    if layout == "NHD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    elif layout != "HND":
-        raise ValueError(f"unknown layout {layout!r}: use 'HND' or 'NHD'")
+    q, k, v = _as_hnd(layout, q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     idx = sample_rows(q.shape[2], rows).to(q.device)
     out = {}
