@@ -121,11 +121,6 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
     B, Hq, Hkv, Nq, Nk, D = shape
     from . import _attention, _quant  # triton is imported at first use, not with the package
 
-    if entry.name == "interpret":
-        from ._interpret import patch_interpreter
-
-        patch_interpreter()
-
     DP = _arch.head_dim_bucket(D)
     k_token = pv in ("fine", "int8")
     tile = tile or entry.tiles[(DP, "fp16" if pv == "fine" else pv)]

@@ -259,6 +259,10 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     that K's smoothing takes out; the attention kernel adds the rest. `int8_v`: v as INT8 per key block and
     channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
+    if not q.is_cuda:  # Triton's interpreter: every launch starts here, so its fixes go in here (_interpret.py)
+        from ._interpret import patch_interpreter
+
+        patch_interpreter()
     DS = row_bytes(D)
     Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
     dev = q.device
