@@ -108,6 +108,12 @@ def test_row_max_tree_is_the_max_over_groups(G):
     assert torch.equal(y, x.amax(1))
 
 
+def _v8_slots(n):
+    """Where each key sits along v8's token axis: the P·V MMA's A order (_quant.v_slot)."""
+    n = torch.arange(n)
+    return (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)
+
+
 def test_quantization_kernel_matches_model_bit_for_bit():
     q, k, v = make_qkv(1, 2, 1, 40, 70, 80, device=DEV, kind="kbias", seed=5)
     dims = (1, 2, 1, 40, 70, 80, 128)
@@ -119,8 +125,7 @@ def test_quantization_kernel_matches_model_bit_for_bit():
     assert (qz.k8[:, :, :70, :80].cpu().int() - k8.int()).abs().max() <= 1  # the mean's summation order may differ
     assert torch.allclose(qz.ks.cpu(), ks, rtol=1e-5)
     assert torch.allclose(qz.kmean[..., :80].cpu(), kmean, atol=1e-5)
-    n = torch.arange(96)
-    slot = (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)  # v8 keeps its keys in the P·V MMA's A order
+    slot = _v8_slots(96)
     assert sorted(slot.tolist()) == list(range(96)) and slot[8].item() == 2 and slot[2].item() == 4
     got = qz.v8[..., slot].transpose(-1, -2).float().cpu()
     assert torch.equal(got[:, :, :70], v8.float())
@@ -145,8 +150,7 @@ def test_int8_quantization_matches_model():
     assert torch.allclose(qz.kmean[..., :80].cpu(), kmean, rtol=1e-5, atol=1e-4)
     # the rotation spreads q's offset channel: no channel of the rotated q dominates its row's scale
     assert q8[..., 0].abs().float().mean() < 127
-    n = torch.arange(96)
-    slot = (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)
+    slot = _v8_slots(96)
     got = qz.v8[..., slot].transpose(-1, -2).cpu()
     assert got.dtype == torch.int8 and torch.equal(got[:, :, :70], v8)
     assert torch.equal(got[:, :, 70:], torch.zeros(1, 1, 26, 80, dtype=torch.int8))
