@@ -3,7 +3,8 @@
     python -m comfy_sage.bench.sparse [bench/results/sparse-<gpu>.json] [--cpu-smoke]
 
 One process, one GPU: q, k, v of 21 × 45 × 80 = 75,600 tokens, 40 heads of 128 (bf16), with space-time locality
-(`bench.local_inputs`) and random (`bench.inputs`). Methods: cuDNN's SDPA, our dense 8-bit path (`auto`), our
+(`bench.local_inputs`: "local" at strength 4, "diffuse" at 3, where far tokens hold most of the mass) and random
+(`bench.inputs`). Methods: cuDNN's SDPA, our dense 8-bit path (`auto`), our
 `sparse_attention` at each `keep` level and at fixed densities (`ratio`), and comfy-kitchen's `sol_attn` (ComfyUI
 core's Model Sparse Attention) at each `tau` where it imports. Time: median of Triton's do_bench (quantization and
 block selection included). Error: relative L1 against fp32 attention on 256 evenly spaced query rows per head.
@@ -30,6 +31,7 @@ SHAPE = dict(frames=21, height=45, width=80, heads=40, D=128)  # Wan 2.1 14B at 
 SMOKE = dict(frames=2, height=4, width=8, heads=2, D=64)
 KEEPS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6)
 RATIOS = (0.5, 0.25, 0.15)
+PVS = ("int8", "fp16")
 TAUS = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -37,6 +39,9 @@ def methods(cuda, keeps=KEEPS, ratios=RATIOS):
     m = {"sdpa_cudnn" if cuda else "sdpa": lambda q, k, v: _cudnn(q, k, v, cuda), "sage_dense": sage_attention}
     m.update({f"sparse_keep{keep}": functools.partial(sparse_attention, keep=keep) for keep in keeps})
     m.update({f"sparse_ratio{r}": functools.partial(sparse_attention, ratio=r) for r in ratios})
+    for pv in PVS:  # the more accurate P·V paths, dense and at each fixed density
+        m[f"sage_dense_{pv}"] = functools.partial(sage_attention, pv=pv)
+        m.update({f"sparse_ratio{r}_{pv}": functools.partial(sparse_attention, ratio=r, pv=pv) for r in ratios})
     try:  # comfy-kitchen's sparse attention: (B, T, H, 128) in, 64-token blocks, routed by tau
         from comfy_kitchen import sol_attn, sol_attn_is_available
 
@@ -66,8 +71,9 @@ def _ms(fn, cuda):
 def run(shape, cuda, log=print, **levels):
     dev = "cuda" if cuda else "cpu"
     s = dict(B=1, H=shape["heads"], N=shape["frames"] * shape["height"] * shape["width"], D=shape["D"])
-    cases = {"local": local_inputs(shape["frames"], shape["height"], shape["width"], shape["heads"], shape["D"],
-                                   dtype=torch.bfloat16, device=dev),
+    local = functools.partial(local_inputs, shape["frames"], shape["height"], shape["width"], shape["heads"],
+                              shape["D"], dtype=torch.bfloat16, device=dev)
+    cases = {"local": local(), "diffuse": local(strength=3.0),
              "random": inputs(s, "randn", dtype=torch.bfloat16, seed=1, device=dev)}
     rows = {}
     for name, (q, k, v) in cases.items():
@@ -98,7 +104,7 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, len(result["results"]), figsize=(6 * len(result["results"]), 4.5))
     for ax, (name, res) in zip(axes, result["results"].items()):
         for family, marker in (("sdpa", "s"), ("sage_dense", "D"), ("sparse_keep", "o"), ("sparse_ratio", "^"),
                                ("sol_attn", "x")):

@@ -7,7 +7,7 @@ applies), `exact_sdpa` (SDPA as it was before anything replaced it: what every e
 `doctor` (what this machine gets), and per-site calibration (`variant_errors`, `Calibrator`, `Calibration`: see
 `calibrate`).
 """
-from ._counters import count, counters, reset_counters
+from ._counters import count, counters, reset_counters, sparse_density
 from ._fallback import exact_sdpa
 from ._api import sage_attention
 from ._sparse import sparse_attention
@@ -15,6 +15,6 @@ from ._sdpa import fallback_reason, sage_sdpa
 from ._arch import doctor
 from .calibrate import Calibration, Calibrator, variant_errors
 
-__all__ = ["sage_attention", "sparse_attention", "sage_sdpa", "counters", "reset_counters", "count", "fallback_reason", "exact_sdpa",
+__all__ = ["sage_attention", "sparse_attention", "sage_sdpa", "counters", "reset_counters", "sparse_density", "count", "fallback_reason", "exact_sdpa",
            "doctor",
            "variant_errors", "Calibrator", "Calibration"]

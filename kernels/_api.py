@@ -14,7 +14,20 @@ PV_CHOICES = ("auto", "fp16", "fp8", "fine", "int8")
 # multiply more per score): what calibration tries before exact attention.
 # "int8": INT8 P·V (unsigned P at each key block's row max, V per key block and channel), per-token K scales, q and
 # k rotated by a block-Hadamard matrix: kernel v10's candidate (bench/NOTES.md), the 8-bit rate on every arch.
+# "sparse:keep=F" / "sparse:ratio=F": the block-sparse kernel (_sparse.py) on the arch's sparse_pv path.
 MAX_HEAD_DIM = 256
+
+
+def check_pv(pv):
+    """The _sparse.Sparsity a "sparse:..." variant asks for, None for a dense pv; ValueError names a bad one."""
+    if isinstance(pv, str) and pv.startswith("sparse:"):
+        from ._sparse import from_variant
+
+        return from_variant(pv)
+    if pv not in PV_CHOICES:
+        raise ValueError(f"unknown pv {pv!r}: use one of {', '.join(PV_CHOICES)}, or sparse:keep=F / "
+                         "sparse:ratio=F")
+    return None
 
 
 def check_args(q, k, v, layout, pv, scale):
@@ -24,8 +37,7 @@ def check_args(q, k, v, layout, pv, scale):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: use 'HND' ([B, H, N, D]) or 'NHD' ([B, N, H, D])")
-    if pv not in PV_CHOICES:
-        raise ValueError(f"unknown pv {pv!r}: use one of {', '.join(PV_CHOICES)}")
+    check_pv(pv)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must have rank 4 ({layout}: "
@@ -86,14 +98,18 @@ def _warp_specialized(tile, causal, fp8_v, D, DP, config=()):
 def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None, sparse=None):
     """The op's implementation: checks, then the 8-bit kernel, or exact attention where the kernel failed on this
     config (`_fallback`). `tile` overrides the arch table (benchmark sweeps only; failures then raise). `sparse`
-    (a _sparse.Request): visit only the key blocks its selection keeps, and set its density."""
+    (a _sparse.Request, or a pv "sparse:..."): visit only the key blocks its selection keeps, and set its density."""
     shape = B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
+    if sparse is None and pv.startswith("sparse:"):
+        from ._sparse import Request
+
+        sparse, pv = Request(check_pv(pv)), "auto"
     entry = _arch.arch_of(q.device)
     if entry is None:
         raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {q.device}); on CPU set "
                          "TRITON_INTERPRET=1 to run the Triton kernels, or call sage_sdpa for an exact fallback")
     if pv == "auto":
-        pv = entry.pv_for(D)
+        pv = entry.sparse_pv if sparse else entry.pv_for(D)
     if pv == "fp8" and not entry.fp8:
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
     # what one compilation serves: failures are remembered per config
@@ -142,6 +158,7 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
 
             *blocks, sparse.density = _sparse.select(qh, kh, block_m=tile.block_m, block_n=tile.block_n,
                                                      causal=is_causal, scale=scale, sparsity=sparse.sparsity)
+            _sparse.note_density(sparse.density)
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, int8_v=int8_v,
@@ -221,7 +238,8 @@ def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return
     SDPA (query i sees keys j <= i). With return_lse, also returns the natural-log LSE [B, Hq, Nq] in fp32.
     pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), "auto" (per-arch table), "fine" (FP16 P·V
     and per-token K scales: the most accurate 8-bit variant, which calibration picks before exact attention), or
-    "int8" (INT8 P·V with per-block V scales, per-token K scales and Hadamard-rotated Q and K).
+    "int8" (INT8 P·V with per-block V scales, per-token K scales and Hadamard-rotated Q and K), or
+    "sparse:keep=F" / "sparse:ratio=F" (`sparse_attention` at that level, on the arch's sparse P·V path).
     """
     check_args(q, k, v, layout, pv, scale)
     out, lse = _op(q, k, v, layout, bool(is_causal), float(scale) if scale is not None else 0.0, pv,

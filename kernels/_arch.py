@@ -45,6 +45,10 @@ class ArchEntry:
     min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
     # ... and below this many pairs summed over batch and heads: too few query tiles to fill the GPU's waves
     min_total_pairs: int = 0
+    # the P·V path of sparse calls (_sparse.py): sparsity adds its own error, so they take an accurate path
+    sparse_pv: str = "int8"
+    # the P·V paths fastest first, as calibration tries them after pv_auto (measured on sm90, datasheets elsewhere)
+    pv_order: tuple = ("int8", "fp8", "fp16", "fine")
 
     def pv_for(self, head_dim: int) -> str:
         return self.pv_by_dim.get(head_dim_bucket(head_dim), self.pv_auto)
@@ -87,10 +91,18 @@ _HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128) for d in (32, 64)})
 _HOPPER.update({(d, "int8"): dataclasses.replace(_HOPPER[(d, "fp8")], ws=None, maxnreg=None, pointer_maxnreg=None)
                 for d in (32, 64, 128)})
 
+# INT8 P·V on sm86/89/120 is chosen from datasheets and compiled code, not timed on those cards (bench/NOTES.md,
+# v10): their INT8 tensor cores run at 2x FP8-with-FP32-accumulate (RTX 40xx/50xx) and 4x FP16-with-FP32-accumulate
+# (RTX 30xx); the loop's extra instructions (int32 -> fp32 per key block) cost less than that. A100's FP16 runs at
+# full rate with FP32 accumulation, so INT8's 2x does not repay them there (predicted ~0.8x): FP16 P·V stays.
 ARCHES = {
-    "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
-    "sm86": ArchEntry("sm86", False, "fp16", "RTX 30xx: no FP8 tensor cores; INT8 Q·K + FP16 P·V", _AMPERE, 1 << 22),
-    "sm89": ArchEntry("sm89", True, "fp8", "RTX 40xx: FP8 P·V doubles the P·V rate", _ADA, 1 << 22),
+    "sm80": ArchEntry("sm80", False, "fp16", "A100: no FP8 tensor cores; INT8 Q·K + FP16 P·V (INT8 P·V predicted "
+                      "~0.8x: FP16 accumulates in FP32 at full rate here)", _AMPERE, 1 << 22, sparse_pv="fp16",
+                      pv_order=("fp16", "fine", "int8")),
+    "sm86": ArchEntry("sm86", False, "int8", "RTX 30xx: INT8 P·V (4x FP16-with-FP32-accumulate's rate; by "
+                      "datasheet, not measured)", _AMPERE, 1 << 22, pv_order=("int8", "fp16", "fine")),
+    "sm89": ArchEntry("sm89", True, "int8", "RTX 40xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
+                      "datasheet, not measured)", _ADA, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.2-1.3x "
                       "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.010 for FP16 P·V, which pv='fp16' or "
                       "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192,
@@ -103,11 +115,18 @@ ARCHES = {
                                     (256, False): NEVER, (256, True): NEVER},
                       # H200, head dim 128, full: 24 heads x 4608² (Flux at 1024²) and 40 x 4096² measured slower
                       # or even in 8-bit, 24 x 6144² and 48 x 4608² (>= 9e8 pairs) 7-10% faster
-                      min_total_pairs=700_000_000),
-    "sm120": ArchEntry("sm120", True, "fp8", "RTX 50xx: FP8 P·V doubles the P·V rate", _ADA, 1 << 22),
+                      min_total_pairs=700_000_000,
+                      # H200, Wan 720p shape at 15% density: FP16 P·V 37 ms, INT8 46 ms (bench/NOTES.md, v10), and
+                      # FP8's own error (0.031-0.038) leaves no room for sparsity's under 0.03
+                      sparse_pv="fp16",
+                      # H200 hd128 N=32k: fp8 854, fp16 611, fine 573, int8 477 TOPS (bench/results, v10)
+                      pv_order=("fp8", "fp16", "fine", "int8")),
+    "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
+                       "datasheet, not measured)", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
     "interpret": ArchEntry("interpret", True, "fp8", "Triton interpreter on CPU (tests)",
-                           _tiles(Tile(32, 32, 4, 1), Tile(32, 32, 4, 1), Tile(16, 32, 4, 1)), 0),
+                           _tiles(Tile(32, 32, 4, 1), Tile(32, 32, 4, 1), Tile(16, 32, 4, 1)), 0, sparse_pv="fp16",
+                           pv_order=("fp8", "fp16", "fine", "int8")),
 }
 
 

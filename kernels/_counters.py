@@ -13,6 +13,8 @@ log = logging.getLogger("comfy_sage")
 _store = sys.modules.setdefault("_comfy_sage_counters", types.ModuleType("_comfy_sage_counters"))
 if not hasattr(_store, "calls"):
     _store.lock, _store.calls, _store.logged = threading.Lock(), Counter(), set()
+if not hasattr(_store, "density"):
+    _store.density = [0.0, 0]  # sum and number of sparse calls' densities since the last reset
 _lock, _calls, _logged = _store.lock, _store.calls, _store.logged
 
 
@@ -33,6 +35,21 @@ def counters() -> dict[str, int]:
         return dict(_calls)
 
 
+def note_density(density: float) -> None:
+    with _lock:
+        _store.density[0] += float(density)
+        _store.density[1] += 1
+
+
+def sparse_density() -> float | None:
+    """The mean density (share of (query, key) block pairs computed) of the sparse calls since the last reset, or
+    None when there was none."""
+    with _lock:
+        total, n = _store.density
+    return total / n if n else None
+
+
 def reset_counters() -> None:
     with _lock:
         _calls.clear()
+        _store.density[:] = [0.0, 0]

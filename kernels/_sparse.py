@@ -12,11 +12,16 @@ error on the model's own q and k) bounds.
 The scores are computed a few heads at a time so the selection's temporaries stay under CHUNK_BYTES.
 """
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
+from ._counters import note_density as _note_process_density
+from .schedule import parse_sparse
+
 CHUNK_BYTES = 64 << 20
+_last = threading.local()
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,27 @@ class Sparsity:
             raise ValueError(f"sparse ratio must be in (0, 1] (the share of key blocks kept); got {self.ratio}")
         if self.sink < 0:
             raise ValueError(f"sparse sink must be >= 0 key blocks; got {self.sink}")
+
+
+def from_variant(pv: str) -> Sparsity:
+    """The Sparsity of a variant string "sparse:keep=F" or "sparse:ratio=F" (what schedules and calibration
+    write); ValueError names a malformed one."""
+    mode, share = parse_sparse(pv[len("sparse:"):], "pv")
+    return Sparsity(keep=share) if mode == "keep" else Sparsity(ratio=share)
+
+
+def note_density(density: float) -> None:
+    """Remember a sparse call's density: for this thread (`last_density`, what adapters report per site) and for
+    the process (`kernels.sparse_density()`)."""
+    _last.density = density
+    _note_process_density(density)
+
+
+def last_density() -> float | None:
+    """The density of this thread's last sparse call, then forgotten (None: no sparse call since)."""
+    d = getattr(_last, "density", None)
+    _last.density = None
+    return d
 
 
 @dataclass

@@ -154,17 +154,15 @@ def variant_errors(q, k, v, *, is_causal=False, scale=None, variants=("fp8", "fp
 
 def candidates(device, head_dim: int, pv: str = "auto") -> tuple[str, ...]:
     """The 8-bit variants worth measuring on `device` at `head_dim`, fastest first: what `pv="auto"` runs there
-    (the arch table's choice per head dim), then the other P·V precision where the GPU has it (sm80/86: FP16
-    only), then "fine" (FP16 P·V and per-token K scales: the most accurate, last before exact attention).
-    A forced `pv` ("fp16"/"fp8") is measured before "fine". () where the 8-bit kernel does not run."""
+    (the arch table's choice per head dim), then the arch's other paths in its `pv_order` (FP8 only where the GPU
+    has it; "fine" and "int8" are the most accurate, "int8" also where a q channel carries an outlier).
+    A forced `pv` is measured before "fine". () where the 8-bit kernel does not run."""
     entry = _arch.arch_of(torch.device(device))
     if entry is None:
         return ()
-    if pv in ("fp16", "fp8", "fine"):
+    if pv in ("fp16", "fp8", "int8", "fine"):
         return tuple(dict.fromkeys((pv, "fine"))) if pv != "fp8" or entry.fp8 else ("fine",)
-    first = entry.pv_for(head_dim)
-    rest = [p for p in ("fp8", "fp16") if p != first and (p == "fp16" or entry.fp8)]
-    return (first, *rest, "fine")
+    return tuple(dict.fromkeys((entry.pv_for(head_dim), *(p for p in entry.pv_order if p != "fp8" or entry.fp8))))
 
 
 def choose(errors: dict[str, float], budget: float = DEFAULT_BUDGET) -> str:
@@ -175,17 +173,20 @@ def choose(errors: dict[str, float], budget: float = DEFAULT_BUDGET) -> str:
     return "exact"
 
 
-# Sparse attention (_sparse.py): the `keep` levels a site is measured at, densest first, and the density above
-# which a site stays dense (skipping less would not repay the selection's cost; random q/k keep > 85% at 0.9).
-SPARSE_LEVELS = (0.99, 0.95, 0.9, 0.8, 0.6)
+# Sparse attention (_sparse.py): the levels a self-attention site is measured at, densest first, and the density
+# above which a site stays dense (skipping less would not repay the selection's cost; random q/k keep > 85% at 0.9).
+# Pooled scores are flatter than the rows they average, so `keep` overestimates the mass a level needs: on the
+# strongly local bench inputs keep=0.5 still computes ~37% of the blocks; the low levels reach the sparse ones.
+SPARSE_LEVELS = (0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
 SPARSE_MAX_DENSITY = 0.85
 
 
 def sparse_errors(q, k, v, *, is_causal=False, scale=None, levels=SPARSE_LEVELS, pv="auto", rows=DEFAULT_ROWS,
-                  layout="HND") -> dict[float, tuple[float, float]]:
-    """keep -> (relative L1 against fp32 attention on up to `rows` evenly spaced query rows per head, density) of
-    `sparse_attention` at each level. The calls run whole (a tile's selection pools all its rows) and are not
-    counted; a call that fell back to exact attention measures (inf, 1.0)."""
+                  layout="HND") -> dict[str, tuple[float, float]]:
+    """"sparse:keep=F" -> (relative L1 against fp32 attention on up to `rows` evenly spaced query rows per head,
+    density) of `sparse_attention` at each `keep` level (pv "auto": the arch's sparse P·V path). The calls run whole
+    (a tile's selection pools all its rows) and are not counted; a call that fell back to exact attention measures
+    (inf, 1.0)."""
     from ._sparse import sparse_attention
 
     q, k, v = _as_hnd(layout, q, k, v)
@@ -200,14 +201,15 @@ def sparse_errors(q, k, v, *, is_causal=False, scale=None, levels=SPARSE_LEVELS,
                 o, density = sparse_attention(q, k, v, keep=keep, is_causal=is_causal, scale=scale, pv=pv,
                                               return_density=True)
                 ok = ref_ok and density is not None
-                out[keep] = (_rel_l1(o.index_select(2, idx), ref) if ok else math.inf, density if ok else 1.0)
+                out[f"sparse:keep={keep:g}"] = (_rel_l1(o.index_select(2, idx), ref) if ok else math.inf,
+                                                 density if ok else 1.0)
     return out
 
 
-def choose_keep(errors: dict[float, tuple[float, float]], budget: float = DEFAULT_BUDGET,
-                max_density: float = SPARSE_MAX_DENSITY) -> float | None:
+def choose_sparse(errors: dict[str, tuple[float, float]], budget: float = DEFAULT_BUDGET,
+                  max_density: float = SPARSE_MAX_DENSITY) -> str | None:
     """The sparsest measured level (lowest density) within `budget` and at most `max_density`, or None: dense."""
-    ok = [(density, keep) for keep, (err, density) in errors.items() if err <= budget and density <= max_density]
+    ok = [(density, lvl) for lvl, (err, density) in errors.items() if err <= budget and density <= max_density]
     return min(ok)[1] if ok else None
 
 
@@ -269,7 +271,9 @@ def _num(x) -> float | str:
 class Calibration:
     """A model's per-site decision (`schedule.overrides`) and what it was based on.
 
-    sites: {"<block>:<kind>": {"errors": {variant: rel L1, fastest first}, "group": ..., "group_index": ...}}.
+    sites: {"<block>:<kind>": {"errors": {variant: rel L1, fastest first}, "group": ..., "group_index": ...,
+    and where sparse levels were measured "sparse": {"sparse:keep=F": [rel L1, density]}}}: a site whose dense choice
+    is 8-bit takes the sparsest level within the budget (`choose_sparse`).
     """
     schedule: Schedule
     sites: dict = field(default_factory=dict)
@@ -282,7 +286,11 @@ class Calibration:
 
     @classmethod
     def decide(cls, sites: dict, budget: float = DEFAULT_BUDGET, **meta) -> "Calibration":
-        overrides = {s: choose(info["errors"], budget) for s, info in sites.items()}
+        overrides = {}
+        for s, info in sites.items():
+            overrides[s] = choose(info["errors"], budget)
+            if overrides[s] != "exact" and info.get("sparse"):
+                overrides[s] = choose_sparse(info["sparse"], budget) or overrides[s]
         return cls(Schedule(overrides=overrides), sites, float(budget), **meta)
 
     def redecide(self, budget: float) -> "Calibration":
@@ -312,21 +320,26 @@ class Calibration:
         for site in sorted(self.schedule.overrides, key=_site_key):
             errs = self.sites.get(site, {}).get("errors", {})
             e = ", ".join(f"{pv} {err:.4f}" if math.isfinite(err) else f"{pv} non-finite" for pv, err in errs.items())
+            sp = self.sites.get(site, {}).get("sparse", {})
+            e += "".join(f", {lvl[7:]} {err:.4f} at {d:.0%}" for lvl, (err, d) in sp.items() if math.isfinite(err))
             out.append(f"{site:>10} -> {self.schedule.overrides[site]:5}  ({e})" if e else
                        f"{site:>10} -> {self.schedule.overrides[site]}")
         return out
 
     def summary(self) -> str:
         ov = self.schedule.overrides
-        n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "fine", "exact")}
-        return (f"{len(ov)} sites, budget {self.budget:g} rel L1: fp8 {n['fp8']}, fp16 {n['fp16']}, "
-                f"fine {n['fine']}, exact {n['exact']}" + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})"
-                                         if n["exact"] else ""))
+        n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "int8", "fine", "exact")}
+        sparse = [x for x in ov.values() if x.startswith("sparse:")]
+        return (f"{len(ov)} sites, budget {self.budget:g} rel L1: fp8 {n['fp8']}, fp16 {n['fp16']}, int8 {n['int8']}, "
+                f"fine {n['fine']}, " + (f"sparse {len(sparse)}, " if sparse else "") + f"exact {n['exact']}"
+                + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})" if n["exact"] else ""))
 
     # ---- JSON ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        sites = {s: {**{k: v for k, v in info.items() if k != "errors"},
-                     "errors": {pv: _num(e) for pv, e in info["errors"].items()}}
+        sites = {s: {**{k: v for k, v in info.items() if k not in ("errors", "sparse")},
+                     "errors": {pv: _num(e) for pv, e in info["errors"].items()},
+                     **({"sparse": {lvl: [_num(e), d] for lvl, (e, d) in info["sparse"].items()}}
+                        if info.get("sparse") else {})}
                  for s, info in self.sites.items()}
         return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint, "arch": self.arch,
                 "budget": self.budget, "rows": self.rows, "seconds": round(self.seconds, 4),
@@ -340,6 +353,8 @@ class Calibration:
         for s, info in (d.get("sites") or {}).items():
             _site_key(s)
             sites[s] = {**info, "errors": {pv: float(e) for pv, e in (info.get("errors") or {}).items()}}
+            if info.get("sparse"):
+                sites[s]["sparse"] = {lvl: (float(e), float(d)) for lvl, (e, d) in info["sparse"].items()}
         return cls(Schedule.from_dict(d["schedule"]), sites, float(d.get("budget", DEFAULT_BUDGET)),
                    str(d.get("fingerprint", "")), str(d.get("arch", "")), str(d.get("model", "")),
                    int(d.get("rows", DEFAULT_ROWS)), float(d.get("seconds", 0.0)))
@@ -370,15 +385,16 @@ class Calibrator:
     `start(device)` before a forward: loads the saved decision for these weights and this GPU arch (True means
     nothing was saved, or `recalibrate`: measure this forward); `observe(site, q, k, v, ...)` for each attention
     call of that forward (the caller runs exact attention for the output); `finish()` after it decides, saves and
-    returns the `Calibration`. `schedule(base)` is what to run from then on.
+    returns the `Calibration`. `schedule(base)` is what to run from then on. With `sparse`, self-attention sites
+    are also measured at `SPARSE_LEVELS` and take the sparsest within the budget (saved in their own file).
     """
 
     def __init__(self, fingerprint: str, *, model: str = "", budget: float = DEFAULT_BUDGET, pv: str = "auto",
-                 directory=None, recalibrate: bool = False, rows: int = DEFAULT_ROWS):
+                 directory=None, recalibrate: bool = False, rows: int = DEFAULT_ROWS, sparse: bool = False):
         if not (isinstance(budget, (int, float)) and budget >= 0 and math.isfinite(budget)):
             raise ValueError(f"calibration budget must be a finite number >= 0 (relative L1), got {budget!r}")
         self.fingerprint, self.model, self.budget, self.pv = fingerprint, model, float(budget), pv
-        self.directory, self.recalibrate, self.rows = directory, recalibrate, rows
+        self.directory, self.recalibrate, self.rows, self.sparse = directory, recalibrate, rows, bool(sparse)
         self.status = "pending"        # pending | measuring | loaded | measured | skipped
         self.result: Calibration | None = None
         self.path: Path | None = None
@@ -401,8 +417,9 @@ class Calibrator:
             log.info("comfy_sage calibration: %s", self.note)
             return False
         self._arch = entry.name
-        self.path = cache_path(self.fingerprint, entry.name if self.pv == "auto" else f"{entry.name}-{self.pv}",
-                               self.model, self.directory)
+        arch = entry.name if self.pv == "auto" else f"{entry.name}-{self.pv}"
+        self.path = cache_path(self.fingerprint, arch + ("-sparse" if self.sparse else ""), self.model,
+                               self.directory)
         if self.path.exists() and not self.recalibrate:
             try:
                 cal = Calibration.load(self.path)
@@ -440,17 +457,22 @@ class Calibrator:
         try:
             errs = variant_errors(q, k, v, is_causal=is_causal, scale=scale, variants=variants, rows=self.rows,
                                   layout=layout)
+            sparse = (sparse_errors(q, k, v, is_causal=is_causal, scale=scale, rows=self.rows, layout=layout)
+                      if self.sparse and site.endswith(":self") else {})
         except Exception as e:  # noqa: BLE001 - a variant that cannot run is a variant not to choose
             if not self._warned:
                 log.warning("comfy_sage calibration: measuring %s failed (%s); keeping it exact", site, e)
                 self._warned = True
-            errs = {pv: math.inf for pv in variants}
+            errs, sparse = {pv: math.inf for pv in variants}, {}
         with self._lock:
             self._seconds += time.perf_counter() - t0
             info = self._sites.setdefault(site, {"errors": {}, "group": group, "group_index": group_index,
                                                  "head_dim": int(head_dim)})
             for pv, e in errs.items():
                 info["errors"][pv] = max(e, info["errors"].get(pv, 0.0))
+            for lvl, (e, d) in sparse.items():  # the worst error and the densest selection of the site's calls
+                e0, d0 = info.setdefault("sparse", {}).get(lvl, (0.0, 0.0))
+                info["sparse"][lvl] = (max(e, e0), max(d, d0))
 
     def finish(self) -> Calibration | None:
         """Decide and save after the measuring forward; the result (None when no site could be measured)."""

@@ -26,10 +26,16 @@ blocks, exact_blocks::
                                                 single-stream DiTs (Wan, LTXV, Qwen-Image) have "double" only
 
 attention: "all" | "self" | "cross" (joint attention of DiTs counts as "self"; "none" appears only from
-composing "self" with "cross").   pv: "auto" | "fp16" | "fp8" | "fine" (FP16 P·V and per-token K scales).
+composing "self" with "cross").   pv: "auto" | "fp16" | "fp8" | "int8" | "fine" (FP16 P·V and per-token K scales).
 
-overrides (what calibration writes): {"<flat block>:<self|cross>": "fp8" | "fp16" | "fine" | "exact"}. A site with an
-override ignores the block and attention rules; the step rules still apply to it ("exact" always wins).
+sparse: "" (dense) | "auto" (the per-site levels calibration measured, in `overrides`) | "keep=F" (every 8-bit
+self-attention site visits the key blocks holding a share F of each query tile's pooled attention mass) |
+"ratio=F" (a fixed share F of the key blocks). Cross-attention stays dense. dense_steps: steps (grammar of `steps`)
+that run dense 8-bit attention although `sparse` is set (the first, noisiest steps, say).
+
+overrides (what calibration writes): {"<flat block>:<self|cross>": "fp8" | "fp16" | "int8" | "fine" | "exact" |
+"sparse:keep=F" | "sparse:ratio=F"}. A site with an override ignores the block and attention rules; the step rules
+still apply to it ("exact" always wins).
 
 A step (or block) runs 8-bit when it matches `steps` (or `blocks`), or those are empty, and matches no item of
 `exact_steps` (or `exact_blocks`). Composition (`a & b`, `a.compose(b)`) runs 8-bit only where both would: rules
@@ -45,9 +51,41 @@ import re
 from dataclasses import dataclass, field, replace
 
 ATTENTION_KINDS = ("all", "self", "cross", "none")
-PV_CHOICES = ("auto", "fp16", "fp8", "fine")
-OVERRIDE_VALUES = ("fp8", "fp16", "fine", "exact")
-_PRECISION = {"fp8": 0, "fp16": 1, "fine": 2, "exact": 3}  # composing two choices keeps the more precise
+PV_CHOICES = ("auto", "fp16", "fp8", "int8", "fine")
+OVERRIDE_VALUES = ("fp8", "fp16", "int8", "fine", "exact")
+# composing two choices keeps the more precise; any sparse level counts below every dense one
+_PRECISION = {"sparse": -1, "fp8": 0, "fp16": 1, "int8": 2, "fine": 3, "exact": 4}
+_RE_SPARSE = re.compile(r"^(keep|ratio)=(\d*\.?\d+)$")
+
+
+def parse_sparse(level: str, field_name: str = "sparse") -> tuple[str, float]:
+    """("keep" | "ratio", share) of a sparse level such as "keep=0.8" or "ratio=0.25" (share in (0, 1])."""
+    m = _RE_SPARSE.match(str(level).strip().lower())
+    if not m or not 0.0 < float(m.group(2)) <= 1.0:
+        raise _err(field_name, str(level), "use keep=F or ratio=F with F in (0, 1], e.g. keep=0.9 or ratio=0.25")
+    return m.group(1), float(m.group(2))
+
+
+def sparse_variant(level: str) -> str:
+    """The variant string a sparse level runs as ("sparse:keep=0.9"), normalized."""
+    mode, share = parse_sparse(level)
+    return f"sparse:{mode}={share:g}"
+
+
+def _override_ok(val) -> bool:
+    if val in OVERRIDE_VALUES:
+        return True
+    if isinstance(val, str) and val.startswith("sparse:"):
+        try:
+            parse_sparse(val[len("sparse:"):])
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _precision(val: str) -> int:
+    return _PRECISION["sparse" if val.startswith("sparse:") else val]
 BLOCK_GROUPS = ("input", "middle", "output", "double", "single")
 SCHEMA = "comfy_sage.schedule/1"
 
@@ -224,10 +262,12 @@ class Schedule:
     exact_steps: tuple[str, ...] = ()
     exact_blocks: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
+    sparse: str = ""
+    dense_steps: tuple[str, ...] = ()
     _parsed: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("steps", "blocks", "exact_steps", "exact_blocks"):
+        for name in ("steps", "blocks", "exact_steps", "exact_blocks", "dense_steps"):
             v = getattr(self, name)
             if isinstance(v, str):
                 v = (v,)
@@ -240,8 +280,13 @@ class Schedule:
             raise ScheduleError(f"attention: bad token {self.attention!r}: use all, self or cross",
                                 token=str(self.attention), field="attention")
         if self.pv not in PV_CHOICES:
-            raise ScheduleError(f"pv: bad token {self.pv!r}: use auto, fp16, fp8 or fine", token=str(self.pv),
-                                field="pv")
+            raise ScheduleError(f"pv: bad token {self.pv!r}: use auto, fp16, fp8, int8 or fine",
+                                token=str(self.pv), field="pv")
+        sp = (self.sparse or "").strip().lower()
+        if sp not in ("", "auto"):
+            mode, share = parse_sparse(sp)
+            sp = f"{mode}={share:g}"
+        object.__setattr__(self, "sparse", sp)
         if not isinstance(self.overrides, dict):
             raise ScheduleError(f"overrides: expected a dict, got {type(self.overrides).__name__}",
                                 token=repr(self.overrides), field="overrides")
@@ -249,14 +294,15 @@ class Schedule:
             if not isinstance(site, str) or not _RE_SITE.match(site.strip()):
                 raise ScheduleError(f"overrides: bad site {site!r}: use '<block>:self' or '<block>:cross'",
                                     token=str(site), field="overrides")
-            if val not in OVERRIDE_VALUES:
-                raise ScheduleError(f"overrides: bad value {val!r} for site {site!r}: use fp8, fp16, fine or exact",
-                                    token=str(val), field="overrides")
+            if not _override_ok(val):
+                raise ScheduleError(f"overrides: bad value {val!r} for site {site!r}: use fp8, fp16, int8, fine, "
+                                    "exact or sparse:keep=F / sparse:ratio=F", token=str(val), field="overrides")
         object.__setattr__(self, "overrides", {k.strip(): v for k, v in sorted(self.overrides.items())})
         parsed = (tuple(_parse_steps(c, "steps") for c in self.steps),
                   tuple(_parse_steps(c, "exact_steps") for c in self.exact_steps),
                   tuple(_parse_blocks(c, "blocks") for c in self.blocks),
-                  tuple(_parse_blocks(c, "exact_blocks") for c in self.exact_blocks))
+                  tuple(_parse_blocks(c, "exact_blocks") for c in self.exact_blocks),
+                  tuple(_parse_steps(c, "dense_steps") for c in self.dense_steps))
         object.__setattr__(self, "_parsed", parsed)
 
     def __hash__(self):
@@ -265,15 +311,18 @@ class Schedule:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_strings(cls, steps: str = "", blocks: str = "", attention: str = "all", pv: str = "auto",
-                     exact_steps: str = "", exact_blocks: str = "", overrides: dict | None = None) -> "Schedule":
+                     exact_steps: str = "", exact_blocks: str = "", overrides: dict | None = None,
+                     sparse: str = "", dense_steps: str = "") -> "Schedule":
         """Parse user strings strictly (ScheduleError names the bad token); "" means all steps/blocks."""
         att = (attention or "all").strip().lower()
         return cls(steps=steps or "", blocks=blocks or "", attention=att, pv=(pv or "auto").strip().lower(),
-                   exact_steps=exact_steps or "", exact_blocks=exact_blocks or "", overrides=dict(overrides or {}))
+                   exact_steps=exact_steps or "", exact_blocks=exact_blocks or "", overrides=dict(overrides or {}),
+                   sparse=sparse or "", dense_steps=dense_steps or "")
 
     def compose(self, other: "Schedule | None") -> "Schedule":
         """8-bit only where both schedules say 8-bit (steps × blocks × kinds); the more precise P·V choice wins
-        (exact > fine > fp16 > fp8 > auto)."""
+        (exact > fine > int8 > fp16 > fp8 > sparse > auto); a sparse level set in one applies (self's where both set
+        one), and dense steps add up."""
         if other is None:
             return self
         if not isinstance(other, Schedule):
@@ -281,12 +330,13 @@ class Schedule:
         ov = dict(self.overrides)
         for site, val in other.overrides.items():
             cur = ov.get(site)
-            if cur is None or _PRECISION[val] > _PRECISION[cur]:
+            if cur is None or _precision(val) > _precision(cur):
                 ov[site] = val
         return Schedule(steps=self.steps + other.steps, blocks=self.blocks + other.blocks,
                         attention=_KIND_AND[(self.attention, other.attention)], pv=_more_precise(self.pv, other.pv),
                         exact_steps=self.exact_steps + other.exact_steps,
-                        exact_blocks=self.exact_blocks + other.exact_blocks, overrides=ov)
+                        exact_blocks=self.exact_blocks + other.exact_blocks, overrides=ov,
+                        sparse=self.sparse or other.sparse, dense_steps=self.dense_steps + other.dense_steps)
 
     __and__ = compose
 
@@ -298,10 +348,10 @@ class Schedule:
     def is_all(self) -> bool:
         """True when every step, block and kind runs 8-bit (the schedule restricts nothing)."""
         return (not self.steps and not self.blocks and not self.exact_steps and not self.exact_blocks
-                and self.attention == "all" and not self.overrides)
+                and self.attention == "all" and not self.overrides and not self.sparse)
 
     def step_uses_8bit(self, step: int | None, num_steps: int | None) -> bool:
-        steps, exact_steps, _, _ = self._parsed
+        steps, exact_steps, _, _, _ = self._parsed
         if not steps and not exact_steps:
             return True
         if step is None:
@@ -312,14 +362,15 @@ class Schedule:
         return not any(_step_matches(c, step, n) for c in exact_steps)
 
     def block_uses_8bit(self, block: int | None, group: str | None = None, group_index: int | None = None) -> bool:
-        _, _, blocks, exact_blocks = self._parsed
+        _, _, blocks, exact_blocks, _ = self._parsed
         if not all(_block_matches(c, block, group, group_index) for c in blocks):
             return False
         return not any(_block_matches(c, block, group, group_index) for c in exact_blocks)
 
     def variant(self, step: int | None, num_steps: int | None, block: int | None, kind: str = "self", *,
                 group: str | None = None, group_index: int | None = None) -> str | None:
-        """The P·V precision to run ("auto"/"fp16"/"fp8"), or None for exact attention.
+        """The variant to run ("auto"/"fp16"/"fp8"/"int8"/"fine", or "sparse:keep=F"/"sparse:ratio=F"), or None
+        for exact attention. A sparse override or level gives way to the dense `pv` on `dense_steps`.
 
         step: 0-based sampling step of `num_steps` (None: unknown); block: flat block index (None: unknown);
         kind: "self" or "cross"; group/group_index: the model's own block naming (e.g. "double", 3).
@@ -328,23 +379,29 @@ class Schedule:
             raise ScheduleError(f"kind: bad token {kind!r}: use self or cross", token=str(kind), field="kind")
         if not self.step_uses_8bit(step, num_steps):
             return None
+        dense = bool(self.dense_steps) and (step is None or any(
+            _step_matches(c, step, int(num_steps or 0)) for c in self._parsed[4]))
         if block is not None and self.overrides:
             o = self.overrides.get(f"{block}:{kind}")
             if o is not None:
-                return None if o == "exact" else o
+                if o == "exact":
+                    return None
+                return self.pv if dense and o.startswith("sparse:") else o
         if self.attention not in ("all", kind):
             return None
         if not self.block_uses_8bit(block, group, group_index):
             return None
+        if kind == "self" and self.sparse not in ("", "auto") and not dense:
+            return f"sparse:{self.sparse}"
         return self.pv
 
     def check(self, num_steps: int | None = None, num_blocks: int | None = None,
               groups: dict | None = None) -> None:
         """Raise ScheduleError for indices outside what a run has (num_steps steps, num_blocks flat blocks,
         groups = {"double": 19, "single": 38} or UNet block ids {"input": 12, ...})."""
-        steps, exact_steps, blocks, exact_blocks = self._parsed
+        steps, exact_steps, blocks, exact_blocks, dense_steps = self._parsed
         if num_steps is not None:
-            for name, clauses in (("steps", steps), ("exact_steps", exact_steps)):
+            for name, clauses in (("steps", steps), ("exact_steps", exact_steps), ("dense_steps", dense_steps)):
                 for c in clauses:
                     for it in c:
                         if it.kind != "index":
@@ -387,6 +444,9 @@ class Schedule:
         if self.attention != "all":
             bits.append(f"attention={self.attention}")
         bits.append(f"pv={self.pv}")
+        if self.sparse:
+            bits.append(f"sparse={self.sparse}" + (f" (dense steps {' & '.join(self.dense_steps)})"
+                                                   if self.dense_steps else ""))
         if self.overrides:
             bits.append(f"overrides={len(self.overrides)} sites")
         return ", ".join(bits)
@@ -395,7 +455,8 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "steps": list(self.steps), "exact_steps": list(self.exact_steps),
                 "blocks": list(self.blocks), "exact_blocks": list(self.exact_blocks), "attention": self.attention,
-                "pv": self.pv, "overrides": dict(self.overrides)}
+                "pv": self.pv, "overrides": dict(self.overrides),
+                **({"sparse": self.sparse, "dense_steps": list(self.dense_steps)} if self.sparse else {})}
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -407,7 +468,8 @@ class Schedule:
         schema = d.get("schema", SCHEMA)
         if schema != SCHEMA:
             raise ScheduleError(f"unknown schedule schema {schema!r} (expected {SCHEMA!r})", token=str(schema))
-        known = {"schema", "steps", "exact_steps", "blocks", "exact_blocks", "attention", "pv", "overrides"}
+        known = {"schema", "steps", "exact_steps", "blocks", "exact_blocks", "attention", "pv", "overrides", "sparse",
+                 "dense_steps"}
         for k in d:
             if k not in known:
                 raise ScheduleError(f"unknown schedule field {k!r}", token=str(k))
@@ -421,7 +483,8 @@ class Schedule:
             return tuple(v)
         return cls(steps=clauses("steps"), exact_steps=clauses("exact_steps"), blocks=clauses("blocks"),
                    exact_blocks=clauses("exact_blocks"), attention=d.get("attention", "all"),
-                   pv=d.get("pv", "auto"), overrides=dict(d.get("overrides", {}) or {}))
+                   pv=d.get("pv", "auto"), overrides=dict(d.get("overrides", {}) or {}),
+                   sparse=str(d.get("sparse", "") or ""), dense_steps=clauses("dense_steps"))
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":

@@ -103,15 +103,22 @@ def test_measuring_is_not_counted():
 
 
 def test_candidates_follow_the_arch(monkeypatch):
-    """The arch's pv="auto" choice (per head dim) is tried first, the other P·V where the GPU has it, "fine" last."""
-    fp8_gpu = _arch.ArchEntry("fake", True, "fp8", "", {}, 0, {64: "fp16"})  # FP16 preferred at head dim <= 64
+    """The arch's pv="auto" choice (per head dim) is tried first, then its other paths fastest first, FP8 only
+    where the GPU has it."""
+    fp8_gpu = _arch.ArchEntry("fake", True, "fp8", "", {}, 0, {64: "fp16"},  # FP16 preferred at head dim <= 64
+                              pv_order=("fp8", "fp16", "fine", "int8"))
     monkeypatch.setattr(_arch, "arch_of", lambda device: fp8_gpu)
-    assert cal.candidates("cuda", 128) == ("fp8", "fp16", "fine")
-    assert cal.candidates("cuda", 64) == ("fp16", "fp8", "fine")
+    assert cal.candidates("cuda", 128) == ("fp8", "fp16", "fine", "int8")
+    assert cal.candidates("cuda", 64) == ("fp16", "fp8", "fine", "int8")
     assert cal.candidates("cuda", 128, pv="fp16") == ("fp16", "fine")
+    assert cal.candidates("cuda", 128, pv="int8") == ("int8", "fine")
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm80"])
-    assert cal.candidates("cuda", 128) == ("fp16", "fine")
+    assert cal.candidates("cuda", 128) == ("fp16", "fine", "int8")
     assert cal.candidates("cuda", 128, pv="fp8") == ("fine",)     # no FP8 tensor cores
+    monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm89"])
+    assert cal.candidates("cuda", 128) == ("int8", "fp8", "fp16", "fine")
+    monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm86"])
+    assert cal.candidates("cuda", 128) == ("int8", "fp16", "fine")
     monkeypatch.setattr(_arch, "arch_of", lambda device: None)
     assert cal.candidates("cpu", 64) == ()
 

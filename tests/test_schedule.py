@@ -37,7 +37,8 @@ def test_bad_token_is_named_among_good_ones():
 
 @pytest.mark.parametrize("kw", [dict(attention="both"), dict(pv="int4"), dict(blocks="foo:1"),
                                 dict(blocks="-1"), dict(blocks="double:-1"), dict(overrides={"12": "fp8"}),
-                                dict(overrides={"12:self": "int8"})])
+                                dict(overrides={"12:self": "int4"}), dict(overrides={"12:self": "sparse:keep=1.5"}),
+                                dict(sparse="keep=0"), dict(sparse="half")])
 def test_other_bad_values(kw):
     with pytest.raises(ScheduleError):
         Schedule.from_strings(**kw)

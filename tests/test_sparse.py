@@ -112,12 +112,12 @@ def test_calibration_goes_sparse_only_where_attention_is_local():
     reset_counters()
     q, k, v = local_inputs(8, 8, 16, 1, 64, device=DEV)
     errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
-    keep = calibrate.choose_keep(errs, budget=0.03)
+    keep = calibrate.choose_sparse(errs, budget=0.03)
     assert keep is not None and errs[keep][1] <= calibrate.SPARSE_MAX_DENSITY and errs[keep][0] <= 0.03, errs
     assert all(d >= errs[keep][1] for e, d in errs.values() if e <= 0.03)  # the sparsest within budget
     q, k, v = make_qkv(1, 2, 2, 256, 256, 64, device=DEV, seed=4)
     errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
-    assert calibrate.choose_keep(errs, budget=0.05) is None, errs
+    assert calibrate.choose_sparse(errs, budget=0.05) is None, errs
     assert counters() == {}  # calibration's calls are not counted
 
 
@@ -144,11 +144,39 @@ def test_sparse_benchmark_script_smoke(tmp_path):
     out = tmp_path / "sparse.json"
     assert bench_sparse.main([str(out), "--cpu-smoke"]) == 0
     res = json.loads(out.read_text())
-    for case in ("local", "random"):
+    for case in ("local", "diffuse", "random"):
         rows = res["results"][case]
-        assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25"}
+        assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25", "sage_dense_int8",
+                             "sage_dense_fp16", "sparse_ratio0.25_int8", "sparse_ratio0.25_fp16"}
         assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
         assert rows["sdpa"]["rel_l1"] < 0.01 and rows["sage_dense"]["rel_l1"] < 0.05, rows
+        assert rows["sage_dense_int8"]["rel_l1"] < 0.03 and rows["sage_dense_fp16"]["rel_l1"] < 0.03, rows
         assert all(0 < r["density"] <= 1 for m, r in rows.items() if m.startswith("sparse"))
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrator_takes_sparse_levels_per_self_attention_site(tmp_path):
+    """Calibrator(sparse=True): a local self-attention site takes its sparsest level within budget, a site with
+    random q/k keeps its dense choice, cross-attention is never measured sparse; the levels' errors and densities
+    are saved and a reload (or a new budget) decides again from them."""
+    from comfy_sage.kernels import calibrate
+
+    cal = calibrate.Calibrator("f" * 20, model="toy", directory=tmp_path, sparse=True, rows=64)
+    assert cal.start(DEV) and cal.path.name.endswith("-sparse.json")
+    local = local_inputs(4, 8, 16, 1, 64, device=DEV)
+    rand = make_qkv(1, 1, 1, 512, 512, 64, device=DEV, seed=4)
+    cal.observe("0:self", *local)
+    cal.observe("1:self", *rand)
+    cal.observe("2:cross", *local)
+    res = cal.finish()
+    ov = res.schedule.overrides
+    assert ov["0:self"].startswith("sparse:keep="), res.lines()
+    assert not ov["1:self"].startswith("sparse") and ov["1:self"] != "exact", res.lines()
+    assert "sparse" not in res.sites["2:cross"] and not ov["2:cross"].startswith("sparse")
+    err, density = res.sites["0:self"]["sparse"][ov["0:self"]]
+    assert err <= calibrate.DEFAULT_BUDGET and density <= calibrate.SPARSE_MAX_DENSITY
+    again = calibrate.Calibration.load(cal.path)
+    assert again.schedule.overrides == ov
+    assert not again.redecide(0.0).schedule.overrides["0:self"].startswith("sparse")  # nothing is within 0
+    assert "sparse" in res.summary() and "at" in res.lines()[0]
