@@ -123,27 +123,30 @@ def select(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
         limit = torch.clamp((i * block_m) // block_n * block_n, max=limit)
     unmasked = (j + 1) * block_n <= limit
     heads = max(1, CHUNK_BYTES // max(1, B * nqb * nkb * 16))
-    kept = torch.empty(B, Hq, nqb, nkb, dtype=torch.bool, device=dev)
+    limit_blk = unmasked.expand(nqb, nkb).sum(-1, keepdim=True, dtype=torch.int32)  # unmasked: blocks j < this
+    n_allowed = allowed.sum(-1, keepdim=True)
+    counts, firsts = [], []
     for h0 in range(0, Hq, heads):
         s = (qm[:, h0:h0 + heads] @ km[:, h0:h0 + heads].transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
-        order = p.argsort(-1, descending=True)
-        if sparsity.ratio is not None:  # the tile's top ceil(ratio · allowed) blocks
-            rank = torch.arange(nkb, device=dev)
-            take = rank < torch.ceil(sparsity.ratio * allowed.sum(-1, keepdim=True))
-            take = take.expand_as(order)
+        # forced blocks first (p <= 1), then by pooled mass: what is kept is a prefix of this order
+        order = (p + 2 * forced).argsort(-1, descending=True)
+        rank = torch.arange(nkb, device=dev)
+        if sparsity.ratio is not None:  # the tile's top ceil(ratio · allowed) blocks, and the forced ones
+            take = rank < torch.ceil(sparsity.ratio * n_allowed)
         else:  # a block is kept while the mass before it is short of `keep` (the block crossing it is kept)
-            mass = p.gather(-1, order).cumsum(-1)
-            take = (mass - p.gather(-1, order)) < sparsity.keep
-        sel = torch.zeros_like(take).scatter_(-1, order, take)
-        kept[:, h0:h0 + heads] = (sel & allowed) | forced
-    counts_all = kept.sum(-1, dtype=torch.int32)
-    counts_unmasked = (kept & unmasked).sum(-1, dtype=torch.int32)
-    kmax = max(1, int(counts_all.max()))
-    lut = torch.empty(B, Hq, nqb, kmax, dtype=torch.int32, device=dev)
-    for h0 in range(0, Hq, heads):  # kept blocks first, ascending; the rest after them (never read)
-        key = torch.where(kept[:, h0:h0 + heads], j, j + nkb).to(torch.int32)
-        lut[:, h0:h0 + heads] = key.sort(-1).values[..., :kmax]
-    counts = torch.stack([counts_unmasked, counts_all], -1)
-    density = float(kept.sum()) / float((allowed.expand(B, Hq, nqb, nkb)).sum())
+            mass = p.gather(-1, order)
+            take = (mass.cumsum(-1) - mass) < sparsity.keep
+        take = (take | forced.expand_as(order).gather(-1, order)) & allowed.expand_as(order).gather(-1, order)
+        n = take.sum(-1, dtype=torch.int32)                              # [B, h, nqb]: kept = order[..., :n]
+        counts.append(n)
+        firsts.append(order[..., :max(1, int(n.max()))].to(torch.int32))
+    n = torch.cat(counts, 1)
+    kmax = max(f.shape[-1] for f in firsts)
+    lut = torch.cat([torch.nn.functional.pad(f, (0, kmax - f.shape[-1]), value=nkb) for f in firsts], 1)
+    rank = torch.arange(kmax, device=dev, dtype=torch.int32)
+    lut = torch.where(rank < n[..., None], lut, nkb + rank).sort(-1).values  # kept ascending; the rest after them
+    counts_unmasked = ((lut < limit_blk) & (rank < n[..., None])).sum(-1, dtype=torch.int32)
+    counts = torch.stack([counts_unmasked, n], -1)
+    density = float(n.sum()) / float(allowed.sum() * B * Hq)
     return lut.view(B * Hq, nqb, kmax), counts.view(B * Hq, nqb, 2).contiguous(), density
