@@ -21,6 +21,12 @@ How a call is located
 Calibration (SageAttention Calibrate): the first model call of the first sampling loads the saved per-site
 decision for these weights, or runs every attention exactly while measuring each site (`kernels.calibrate`);
 the decision becomes the schedule's overrides from the next call on.
+
+Sparse attention (SageAttention Sparse): a schedule whose `sparse` level makes `variant()` return
+"sparse:keep=F" for self-attention sites (or, calibrated, per-site "sparse:..." overrides). On a model that already
+runs our attention the Sparse node's state takes the place of the one there, keeping its settings; Apply or
+Calibrate after a Sparse node take its state's place and keep its rules: either order gives one override, not two
+chained ones. Each sparse call's density (share of key blocks computed) is recorded per site for the report.
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
+import dataclasses
 
 import torch
 
+from ..kernels import _sparse
 from ..kernels import counters as kernel_counters
 from ..kernels import fallback_reason, sage_sdpa
 from ..kernels.calibrate import Calibrator, fingerprint
@@ -71,12 +79,15 @@ class SageState:
     and per-step timings of the current run."""
 
     def __init__(self, enabled: bool, pv: str, schedule: Schedule | None, verbose: bool, structure: dict,
-                 previous_override=None, label: str = "sage", calibrator: Calibrator | None = None):
+                 previous_override=None, label: str = "sage", calibrator: Calibrator | None = None,
+                 sparse: tuple | None = None):
         self.enabled = enabled
+        self.pv = pv
         self.schedule = (schedule or ALL)
         if pv != "auto":
             self.schedule = self.schedule.compose(Schedule(pv=pv))
         self.base_schedule = self.schedule  # before calibration's per-site overrides
+        self.sparse = sparse  # (rules, budget) of SageAttention Sparse: what a later Apply or Calibrate keeps
         self.calibrator = calibrator
         self.verbose = verbose
         self.structure = structure
@@ -93,16 +104,20 @@ class SageState:
     def new_run(self, num_steps=None):
         self.run = {"paths": Counter(), "steps": defaultdict(float), "step_calls": defaultdict(Counter),
                     "blocks": defaultdict(Counter), "forwards": 0, "num_steps": num_steps, "wall": 0.0,
-                    "finished": False}
+                    "finished": False, "density": defaultdict(lambda: [0.0, 0])}  # site -> [sum, sparse calls]
         self.runs.append(self.run)
         del self.runs[:-8]
 
-    def record(self, path: str, step, block, kind):
+    def record(self, path: str, step, block, kind, density: float | None = None):
         with self._lock:
             self.run["paths"][path] += 1
             self.run["step_calls"][step][path] += 1
             if block is not None:
                 self.run["blocks"][(block, kind)][path] += 1
+                if density is not None:
+                    d = self.run["density"][(block, kind)]
+                    d[0] += density
+                    d[1] += 1
 
     # ---- the attention override --------------------------------------------------------------------------
     def _exact(self, func, args, kwargs):
@@ -136,11 +151,15 @@ class SageState:
             return self._exact(func, args, kwargs)
 
         qh, kh, vh = _to_hnd(q, k, v, heads, skip_reshape)
+        sparse = variant.startswith("sparse:")
+        if sparse:
+            _sparse.last_density()  # forget an earlier call's: a call that falls back to SDPA sets none
         before = kernel_counters()
         out = sage_sdpa(qh, kh, vh, enable_gqa=bool(kwargs.get("enable_gqa", False)), pv=variant)
         after = kernel_counters()
         ran = [p for p in after if after[p] != before.get(p, 0)]
-        self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", step, block, kind)
+        self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", step, block, kind,
+                    _sparse.last_density() if sparse else None)
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -161,7 +180,7 @@ class SageState:
             return False
         if cal.start(x.device):
             return True
-        self.schedule = cal.schedule(self.base_schedule)
+        self.schedule = self._calibrated()
         return False
 
     def _calibration_done(self, ok: bool) -> None:
@@ -169,7 +188,19 @@ class SageState:
             self.calibrator.abort()  # interrupted: measure again on the next call
             return
         self.calibrator.finish()
-        self.schedule = self.calibrator.schedule(self.base_schedule)
+        self.schedule = self._calibrated()
+
+    def _calibrated(self) -> Schedule:
+        """The base schedule with the calibration's decision. That decision names a dense variant for every site it
+        measured, which would hide a manual sparse level (Calibrate -> Sparse): the self sites it runs 8-bit run
+        that level instead; its exact decisions stand."""
+        base = self.base_schedule
+        sched = self.calibrator.schedule(base)
+        if base.sparse in ("", "auto"):
+            return sched
+        level = f"sparse:{base.sparse}"
+        return sched.with_overrides({site: level for site, v in sched.overrides.items()
+                                     if site.endswith(":self") and v != "exact" and site not in base.overrides})
 
     # ---- wrappers: per forward and per sampling run ------------------------------------------------------
     def apply_model_wrapper(self, executor, *args, **kwargs):
@@ -355,11 +386,25 @@ def check_hook():
 
 
 def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None, verbose=False, label="sage",
-            calibrate: dict | None = None):
+            calibrate: dict | None = None, sparse: tuple | None = None, replace: SageState | None = None):
     """Clone a ComfyUI ModelPatcher and install our override and wrappers on the clone; return (clone, state).
-    calibrate: None, or `Calibrator` options (budget, directory, recalibrate) to calibrate per site."""
+    calibrate: None, or `Calibrator` options (budget, directory, recalibrate, sparse) to calibrate per site.
+    sparse: (rules, budget) of SageAttention Sparse: a schedule holding only a sparse level and dense steps, and the
+    budget of its calibration (level "auto").
+    replace: the state `model` carries, whose place the new one takes (its wrappers go; the override it chained to
+    is chained to) instead of being chained to: chained states would each decide every call. Apply or Calibrate on
+    a model a Sparse node patched replace its state the same way and keep its rules."""
     import comfy.patcher_extension as pe
 
+    prior = state_of(model)
+    if replace is None and sparse is None and prior is not None and prior.sparse is not None:
+        replace, sparse = prior, prior.sparse
+        if sparse[0].sparse == "auto":  # the levels still need measuring; a Calibrate node's own options win
+            calibrate = {"budget": sparse[1], **_kept(prior.calibrator), **(calibrate or {}), "sparse": True}
+    if sparse is not None:
+        schedule = sparse[0].compose(schedule)
+        if enabled and not label.endswith("+sparse"):
+            label += "+sparse"
     if enabled:
         check_hook()
     dm = model.get_model_object("diffusion_model")
@@ -372,20 +417,53 @@ def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None,
         sched.check(num_blocks=structure["num_blocks"], groups=structure["groups"] or None)
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    previous = to.get("optimized_attention_override")
+    previous = replace.previous if replace is not None else to.get("optimized_attention_override")
     state = SageState(enabled, pv, sched, verbose, structure, previous_override=previous, label=label,
-                      calibrator=calibrator)
+                      calibrator=calibrator, sparse=sparse)
+    if replace is not None:  # the clone's copies of its wrapper lists; the original model keeps its own
+        for kind in (pe.WrappersMP.APPLY_MODEL, pe.WrappersMP.OUTER_SAMPLE):
+            to.get("wrappers", {}).get(kind, {}).pop(WRAPPER_KEY, None)
     if enabled:
         to["optimized_attention_override"] = state
-        dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
-        for key, i, flat, group in structure["patches"]:
-            dit[(key, i)] = state.block_patch(flat, group, i, dit.get((key, i)))
+        # block patches only mark the block of the current forward, for whichever state runs it: an enabled
+        # replaced state's stay
+        if replace is None or not replace.enabled:
+            dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
+            for key, i, flat, group in structure["patches"]:
+                dit[(key, i)] = state.block_patch(flat, group, i, dit.get((key, i)))
+    elif replace is not None:  # default attention: what the replaced state chained to
+        to.pop("optimized_attention_override", None)
+        if previous is not None:
+            to["optimized_attention_override"] = previous
     pe.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, state.apply_model_wrapper, m.model_options,
                             is_model_options=True)
     pe.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, state.outer_sample_wrapper, m.model_options,
                             is_model_options=True)
     to["comfy_sage_state"] = state
     return m, state
+
+
+def install_sparse(model, rules: Schedule, budget: float):
+    """SageAttention Sparse: `rules` hold a manual level, or "auto" (calibrate the levels per site at `budget`).
+    On a model that already runs our attention (Apply, Calibrate, another Sparse) the new state takes that one's
+    place and settings: enabled, pv, print_summary, its schedule (an earlier Sparse node's rules give way to
+    `rules`), the override it chained to, and its calibration's directory and recalibrate (with a manual level, its
+    dense calibration too). Without one it is Apply SageAttention with the defaults, plus `rules`."""
+    prior = state_of(model)
+    old = prior.calibrator if prior is not None else None
+    calibrate = {"budget": budget, "sparse": True} if rules.sparse == "auto" else None
+    if old is not None:
+        calibrate = {**_kept(old), **calibrate} if calibrate else {**_kept(old), "budget": old.budget}
+    if prior is None:
+        return install(model, calibrate=calibrate, sparse=(rules, budget))
+    return install(model, enabled=prior.enabled, pv=prior.pv, verbose=prior.verbose, label=prior.label,
+                   schedule=dataclasses.replace(prior.base_schedule, sparse="", dense_steps=()), calibrate=calibrate,
+                   sparse=(rules, budget), replace=prior)
+
+
+def _kept(calibrator: Calibrator | None) -> dict:
+    """The options of a replaced state's calibration that a new one keeps."""
+    return {} if calibrator is None else {"directory": calibrator.directory, "recalibrate": calibrator.recalibrate}
 
 
 def weights_fingerprint(model, diffusion_model) -> str:
@@ -455,6 +533,14 @@ def summary(state: SageState, baseline: SageState | None = None) -> str:
     if paths:
         lines.append(f"  attention calls: {sum(paths.values())} ({eight} 8-bit): "
                      + ", ".join(f"{p}={c}" for p, c in sorted(paths.items())))
+    dens = {site: s / n for site, (s, n) in run["density"].items() if n}
+    if dens:
+        calls = sum(n for _, n in run["density"].values())
+        mean = sum(s for s, _ in run["density"].values()) / calls
+        lines.append(f"  sparse: {paths.get('int8-sparse', 0)} int8-sparse calls on {len(dens)} sites, mean density "
+                     f"{mean:.1%} (share of key blocks computed); per site:")
+        sites = [f"{b}:{k} {d:.1%}" for (b, k), d in sorted(dens.items())]
+        lines += ["    " + ", ".join(sites[i:i + 8]) for i in range(0, len(sites), 8)]
     for step in sorted(run["steps"], key=lambda s: (s is None, s if s is not None else 0)):
         calls = run["step_calls"].get(step, {})
         e = sum(c for p, c in calls.items() if p.startswith(("int8", "8bit")))

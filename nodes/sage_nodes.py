@@ -16,6 +16,8 @@ from . import _metrics, _runtime
 log = logging.getLogger("comfy_sage")
 CATEGORY = "sageattention"
 SCHEDULE_TYPE = "SAGE_SCHEDULE"
+PV = ["auto", "fp16", "fp8", "int8"]
+_INT8_TIP = "int8 = INT8 P·V with Hadamard-rotated Q/K, the most accurate 8-bit path (auto on RTX 30xx/40xx/50xx)."
 
 
 def _validate(**fields) -> bool | str:
@@ -28,9 +30,9 @@ def _validate(**fields) -> bool | str:
 
 
 class ApplySageAttention:
-    DESCRIPTION = ("Clone the model and run its attention with 8-bit SageAttention (INT8 Q·K, FP8/FP16 P·V) where "
-                   "it applies; masks, fp32, CPU, unsupported head dims and low_precision_attention=False run the "
-                   "original attention. Removing the node restores default attention.")
+    DESCRIPTION = ("Clone the model and run its attention with 8-bit SageAttention (INT8 Q·K, INT8/FP8/FP16 P·V) "
+                   "where it applies; masks, fp32, CPU, unsupported head dims and low_precision_attention=False run "
+                   "the original attention. Removing the node restores default attention.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -39,8 +41,8 @@ class ApplySageAttention:
                 "model": ("MODEL",),
                 "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off: default attention, but the run is still "
                                         "timed so a report or compare node can use it as the baseline."}),
-                "pv": (["auto", "fp16", "fp8"], {"default": "auto", "tooltip": "P·V precision: auto = FP8 on "
-                                                 "sm89+ (RTX 40xx, H100), FP16 on sm80/86."}),
+                "pv": (PV, {"default": "auto", "tooltip": "P·V precision: auto = the GPU's choice (INT8 on RTX "
+                            "30xx/40xx/50xx, FP8 on H100/H200, FP16 on A100). " + _INT8_TIP}),
                 "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran (8-bit/exact per step) "
                                               "to the console after each sampling."}),
             },
@@ -78,9 +80,9 @@ class SageAttentionCalibrate:
                                      "tooltip": "Largest relative L1 error (vs exact attention) a site may have "
                                      "and still run 8-bit. FP8 P·V measures about 0.038 on ordinary layers, "
                                      "FP16 about 0.011."}),
-                "pv": (["auto", "fp16", "fp8"], {"default": "auto", "tooltip": "auto: the GPU's faster P·V "
-                                                 "where it is within budget, else the other one; fp16/fp8: only "
-                                                 "that one; then the per-token-K 'fine' variant, else exact."}),
+                "pv": (PV, {"default": "auto", "tooltip": "auto: the GPU's faster P·V where it is within "
+                            "budget, else its other paths; fp16/fp8/int8: only that one; then the per-token-K "
+                            "'fine' variant, else exact. " + _INT8_TIP}),
                 "recalibrate": ("BOOLEAN", {"default": False, "tooltip": "Measure again even if a calibration "
                                             "for these weights is saved (and overwrite it)."}),
                 "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran and the per-site "
@@ -106,6 +108,60 @@ class SageAttentionCalibrate:
                 "directory": (calibration_dir or "").strip() or None}
         m, _ = _runtime.install(model, enabled=True, pv=pv, schedule=schedule, verbose=bool(print_summary),
                                 label="sage-calibrated", calibrate=opts)
+        return (m,)
+
+
+class SageAttentionSparse:
+    DESCRIPTION = ("Block-sparse attention on the self-attention sites: each query tile computes only the key "
+                   "blocks that hold most of its attention, skipping the rest; cross-attention stays dense. "
+                   "calibrated: the first sampling measures every self-attention site at several levels (that model "
+                   "call runs exactly) and takes the sparsest within the budget, else dense (sites whose attention "
+                   "is not local stay dense); the decision is saved like SageAttention Calibrate's. manual: `level` "
+                   "on every self-attention site. With Apply SageAttention or Calibrate, before or after it, the "
+                   "model keeps their settings and schedule plus these rules (with Apply's enabled off: default "
+                   "attention); alone it is Apply with the defaults. The Report node shows each site's density.")
+    MODES = ["calibrated", "manual"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "mode": (cls.MODES, {"default": "calibrated", "tooltip": "calibrated: per site, the sparsest level "
+                                     "within budget (measured on the first sampling), else dense. manual: `level` "
+                                     "on every self-attention site."}),
+                "level": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01, "tooltip": "manual "
+                                    "mode: the share of each query tile's attention mass whose key blocks it "
+                                    "computes (keep); lower skips more."}),
+                "dense_steps": ("STRING", {"default": "", "tooltip": "Steps that stay dense 8-bit, e.g. '0-1' (the "
+                                           "first two) or '0.0-0.2'; empty = none."}),
+                "budget": ("FLOAT", {"default": DEFAULT_BUDGET, "min": 0.0, "max": 1.0, "step": 0.005,
+                                     "tooltip": "calibrated mode: the largest relative L1 error (vs exact attention) "
+                                     "a site may have at a sparse level."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, dense_steps=""):
+        return _validate(dense_steps=dense_steps)  # level and budget: ComfyUI checks their min and max
+
+    @classmethod
+    def schedule(cls, mode="calibrated", level=0.9, dense_steps="") -> Schedule:
+        """The sparse rules of the node's inputs; ScheduleError names a bad one."""
+        if mode not in cls.MODES:
+            raise ScheduleError(f"mode: bad token {mode!r}: use calibrated or manual", token=str(mode), field="mode")
+        if mode == "manual" and not 0.0 < float(level) <= 1.0:
+            raise ScheduleError(f"level: bad value {level!r}: the share of attention mass kept must be in (0, 1]",
+                                token=str(level), field="level")
+        sparse = "auto" if mode == "calibrated" else f"keep={float(level):g}"
+        return Schedule.from_strings(sparse=sparse, dense_steps=dense_steps)
+
+    def apply(self, model, mode="calibrated", level=0.9, dense_steps="", budget=DEFAULT_BUDGET):
+        m, _ = _runtime.install_sparse(model, self.schedule(mode, level, dense_steps), float(budget))
         return (m,)
 
 
@@ -167,8 +223,8 @@ class SageAttentionBlockSchedule(_ScheduleNode):
 
 class SageAttentionReport:
     DESCRIPTION = ("After sampling: per-step time, attention calls by path (8-bit, or exact and why), the "
-                   "per-site decisions of SageAttention Calibrate and, with a baseline model (Apply SageAttention "
-                   "with enabled off), the speed-up.")
+                   "per-site decisions of SageAttention Calibrate, the density of each sparse site (SageAttention "
+                   "Sparse) and, with a baseline model (Apply SageAttention with enabled off), the speed-up.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -252,6 +308,7 @@ class SageAttentionCompareLatents(_CompareNode):
 NODE_CLASS_MAPPINGS = {
     "ApplySageAttention": ApplySageAttention,
     "SageAttentionCalibrate": SageAttentionCalibrate,
+    "SageAttentionSparse": SageAttentionSparse,
     "SageAttentionStepSchedule": SageAttentionStepSchedule,
     "SageAttentionBlockSchedule": SageAttentionBlockSchedule,
     "SageAttentionReport": SageAttentionReport,
@@ -261,6 +318,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ApplySageAttention": "Apply SageAttention",
     "SageAttentionCalibrate": "SageAttention Calibrate",
+    "SageAttentionSparse": "SageAttention Sparse",
     "SageAttentionStepSchedule": "SageAttention Step Schedule",
     "SageAttentionBlockSchedule": "SageAttention Block Schedule",
     "SageAttentionReport": "SageAttention Report",

@@ -45,7 +45,7 @@ def test_node_contract(name):
 def test_apply_node_signature():
     it = ApplySageAttention.INPUT_TYPES()
     assert it["required"]["model"] == ("MODEL",)
-    assert it["required"]["pv"][0] == ["auto", "fp16", "fp8"]
+    assert it["required"]["pv"][0] == ["auto", "fp16", "fp8", "int8"]
     assert it["optional"]["schedule"][0] == "SAGE_SCHEDULE"
     assert ApplySageAttention.RETURN_TYPES == ("MODEL",)
 

@@ -55,14 +55,20 @@ def apply_node(g, pos, enabled, schedule=False):
                   title="Apply SageAttention" if enabled else "Default attention (timed baseline)")
 
 
-def side_by_side(g, model, pos_cond, neg_cond, latent, vae, sampler_widgets, x0, schedule=None, video=False):
-    """Two samplers (baseline, sage) with the same seed -> decode -> save; compare + report."""
+def side_by_side(g, model, pos_cond, neg_cond, latent, vae, sampler_widgets, x0, schedule=None, video=False,
+                 post=None):
+    """Two samplers (baseline, sage) with the same seed -> decode -> save; compare + report. post(g): makes a
+    MODEL -> MODEL node (input "model") that goes between Apply SageAttention and the sage sampler."""
     base = apply_node(g, (x0, 0), False)
     sage = apply_node(g, (x0, 250), True, schedule=schedule is not None)
     g.link(model[0], model[1], base, "model")
     g.link(model[0], model[1], sage, "model")
     if schedule is not None:
         g.link(schedule, 0, sage, "schedule")
+    if post is not None:
+        p = post(g)
+        g.link(sage, 0, p, "model")
+        sage = p
     outs = []
     for row, ap in enumerate((base, sage)):
         ks = g.node("KSampler", (x0 + 380, row * 420), sampler_widgets,
@@ -147,8 +153,8 @@ def flux():
     return g
 
 
-def wan_t2v():
-    g = Graph()
+def wan_inputs(g):
+    """Wan 2.1 T2V 1.3B loaders, prompts and an empty 33-frame latent: (model, positive, negative, latent, vae)."""
     un = g.node("UNETLoader", (0, 0), ["wan2.1_t2v_1.3B_fp16.safetensors", "default"], [], [("MODEL", MODEL)])
     ms = g.node("ModelSamplingSD3", (0, 150), [8.0], [("model", MODEL)], [("MODEL", MODEL)])
     g.link(un, 0, ms, "model")
@@ -158,10 +164,30 @@ def wan_t2v():
     p, n = text_encoders(g, (cl, 0), "a cat walks on the grass, realistic style, soft daylight",
                          "static, blurry, low quality, worst quality, deformed")
     lat = g.node("EmptyHunyuanLatentVideo", (0, 600), [832, 480, 33, 1], [], [("LATENT", LATENT)])
+    return (ms, 0), (p, 0), (n, 0), (lat, 0), (va, 0)
+
+
+WAN_SAMPLER = [42, "fixed", 30, 6.0, "uni_pc", "simple", 1.0]
+
+
+def wan_t2v():
+    g = Graph()
+    inputs = wan_inputs(g)
     st = g.node("SageAttentionStepSchedule", (400, 600), ["", "0-1, -1"], [("schedule", SCHED)], [("schedule", SCHED)],
                 title="Exact on the first 2 and the last step")
-    side_by_side(g, (ms, 0), (p, 0), (n, 0), (lat, 0), (va, 0), [42, "fixed", 30, 6.0, "uni_pc", "simple", 1.0], 800,
-                 schedule=st, video=True)
+    side_by_side(g, *inputs, WAN_SAMPLER, 800, schedule=st, video=True)
+    return g
+
+
+def wan_t2v_sparse():
+    g = Graph()
+
+    def sparse(g):
+        return g.node("SageAttentionSparse", (800, 420), ["calibrated", 0.9, "0-1", 0.05], [("model", MODEL)],
+                      [("MODEL", MODEL)], title="Sparse self-attention (calibrated; dense on the first 2 steps)",
+                      size=(320, 160))
+
+    side_by_side(g, *wan_inputs(g), WAN_SAMPLER, 800, video=True, post=sparse)
     return g
 
 
@@ -189,6 +215,7 @@ WORKFLOWS = {
     "flux_image_sage_compare": (flux, "Flux image: default vs SageAttention"),
     "wan21_t2v_step_schedule": (wan_t2v, "Wan 2.1 text-to-video with a step schedule"),
     "ltxv_t2v_block_schedule": (ltxv, "LTXV text-to-video with a block schedule"),
+    "wan21_t2v_sparse": (wan_t2v_sparse, "Wan 2.1 text-to-video with sparse self-attention"),
 }
 
 

@@ -141,3 +141,41 @@ def test_report_with_baseline(pack):
     assert "int8-fp8pv=12" in text and "speed-up vs default" in text and "step 1:" in text
     heat, metrics = M["SageAttentionCompareLatents"]().compare({"samples": a}, {"samples": b}, base, sage)["result"]
     assert heat.shape[-1] == 3 and "PSNR" in metrics and "speed-up" in metrics
+
+
+@pytest.mark.parametrize("sparse_first", [False, True])
+def test_sparse_node_with_apply(pack, sparse_first):
+    """Apply (exact on the last step) and Sparse (manual, dense on step 0), in either order, make one override:
+    step 1 runs sparse self-attention and dense cross-attention, and the report gives each self site's density."""
+    M = pack.NODE_CLASS_MAPPINGS
+    model = C.tiny_wan(torch.float16)
+    if sparse_first:
+        first, = M["SageAttentionSparse"]().apply(model, "manual", 0.5, "0", 0.05)
+        m = patched(pack, first, exact_steps="-1", pv="fp16")
+    else:
+        first = patched(pack, model, exact_steps="-1", pv="fp16")
+        m, = M["SageAttentionSparse"]().apply(first, "manual", 0.5, "0", 0.05)
+    out = C.sample(m, "wan", torch.float16, steps=3)
+    assert torch.isfinite(out).all()
+    calls = state(m).run["step_calls"]
+    assert calls[0] == {"int8-fp16pv": 6}
+    assert calls[1] == {"int8-sparse": 3, "int8-fp16pv": 3}
+    assert calls[2] == {"exact:schedule": 6}
+    assert state(first).run["forwards"] == 0  # the first node's state no longer runs on this model
+    text = M["SageAttentionReport"]().report(m, {"samples": out})["result"][0]
+    assert "int8-sparse=3" in text and "sparse: 3 int8-sparse calls on 3 sites" in text and "2:self" in text
+
+
+def test_sparse_node_calibrated(pack, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFY_SAGE_CALIBRATION_DIR", str(tmp_path))
+    M = pack.NODE_CLASS_MAPPINGS
+    m, = M["SageAttentionSparse"]().apply(C.tiny_wan(torch.float16), "calibrated", 0.9, "", 0.05)
+    C.sample(m, "wan", torch.float16, steps=2)
+    st = state(m)
+    assert st.calibrator.sparse and st.calibrator.status == "measured"
+    assert st.run["step_calls"][0] == {"exact:calibration": 6}
+    ov = st.calibrator.result.schedule.overrides
+    for b in range(3):  # a site runs sparse exactly where calibration chose a level; cross-attention never
+        sparse = dict(st.run["blocks"][(b, "self")]).get("int8-sparse", 0)
+        assert sparse == (1 if ov[f"{b}:self"].startswith("sparse:") else 0)
+        assert "int8-sparse" not in st.run["blocks"][(b, "cross")]

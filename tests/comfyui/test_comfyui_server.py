@@ -24,10 +24,12 @@ def post(url, body):
 def test_pack_nodes_listed(comfy_server):
     info = get(comfy_server["url"] + "/object_info")
     for name in ("ApplySageAttention", "SageAttentionStepSchedule", "SageAttentionBlockSchedule",
-                 "SageAttentionReport", "SageAttentionCompareImages", "SageAttentionCompareLatents"):
+                 "SageAttentionReport", "SageAttentionCompareImages", "SageAttentionCompareLatents",
+                 "SageAttentionSparse"):
         assert name in info
         assert info[name]["category"] == "sageattention"
     assert info["ApplySageAttention"]["display_name"] == "Apply SageAttention"
+    assert info["SageAttentionSparse"]["display_name"] == "SageAttention Sparse"
     assert "IMPORT FAILED" not in [l for l in comfy_server["log"].read_text().splitlines() if "comfy_sage" in l]
 
 
