@@ -16,12 +16,16 @@ extrapolated as (forward - its blocks) + sum over kinds of (real block count x m
 Variants (same weights, same inputs): `none` (attention replaced by a free identity: the rest of the step, so
 attention share = 1 - none / variant), `sdpa_flash` and `sdpa_cudnn` (forced with sdpa_kernel; cuDNN first is what
 ComfyUI users get), `sdpa_default` (PyTorch's own choice), `sage` (`enable_sage(model)`), `sage_calibrated`
-(`enable_sage(model, calibrate=True)`) and `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
+(`enable_sage(model, calibrate=True)`), `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
 rotary embedding left to diffusers' torch ops, so the gain is the attention's alone; the same as `sage` for the
-other families), and the peers where they import on a GPU (../shared/peers/): `sageattention2` (SageAttention 2's
-CUDA kernel) and `comfy_kitchen_int8` (ComfyUI core's INT8 attention), each answering the unmasked, non-causal
-16-bit calls of F.scaled_dot_product_attention (SDPA the rest; the JSON counts both). Speed-ups are baseline time /
-variant time, on the extrapolated step and per layer.
+other families), `sage_sparse25` (`enable_sage(model, sparse="ratio=0.25")`: every self-attention runs the
+block-sparse kernel on a quarter of its key blocks, cross-attention dense; the JSON gives each site's density. It
+times attention at a fixed density: random weights have no locality, so its fidelity here is that of dropping 3/4
+of the blocks of near-uniform attention, not what a real model loses; sparse fidelity is measured at kernel level
+on local inputs, bench/sparse.py), and the peers where they import on a GPU (../shared/peers/): `sageattention2`
+(SageAttention 2's CUDA kernel) and `comfy_kitchen_int8` (ComfyUI core's INT8 attention), each answering the
+unmasked, non-causal 16-bit calls of F.scaled_dot_product_attention (SDPA the rest; the JSON counts both).
+Speed-ups are baseline time / variant time, on the extrapolated step and per layer.
 
 Fidelity: a short flow-matching Euler loop (shifted sigmas, conditional calls only) from the same noise, on the
 same cut model, with exact attention (default SDPA) as reference; each variant's final latents get cosine, PSNR
@@ -47,10 +51,11 @@ from .video_step import WAN_1_3B, WAN_14B, environment
 # the peers (../shared/peers/) run where they import, on a GPU: SageAttention 2's CUDA kernel and comfy-kitchen's
 # INT8 attention (ComfyUI core's), each as F.scaled_dot_product_attention for the calls it takes
 PEERS = ("sageattention2", "comfy_kitchen_int8")
-VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only", *PEERS,
-            "none")
+VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only",
+            "sage_sparse25", *PEERS, "none")
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_default")
-EIGHT_BIT = ("sage", "sage_calibrated", "sage_attention_only")
+EIGHT_BIT = ("sage", "sage_calibrated", "sage_attention_only", "sage_sparse25")
+SPARSE = {"sage_sparse25": "ratio=0.25"}  # variant -> enable_sage's sparse level
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -309,7 +314,8 @@ def attention_variant(name, model, cuda):
             yield info
     elif name in EIGHT_BIT:
         # calibrated: the first call measures every site (running exactly), the later ones run its decision
-        reports = enable_sage(model, calibrate=name == "sage_calibrated", fuse_rope=name != "sage_attention_only")
+        reports = enable_sage(model, calibrate=name == "sage_calibrated", fuse_rope=name != "sage_attention_only",
+                              sparse=SPARSE.get(name))
         info["sites"] = sum(len(r.sites) for r in reports)
         try:
             yield info
@@ -317,6 +323,9 @@ def attention_variant(name, model, cuda):
             cals = [r.calibrator for r in reports if getattr(r, "calibrator", None) is not None]
             if cals:  # per-site decisions, and whether they were measured in the first call or loaded
                 info["calibration"] = [line for c in cals for line in c.describe()]
+            if name in SPARSE:  # mean density of each site's sparse calls (none where the kernel did not run)
+                info["sparse"] = SPARSE[name]
+                info["densities"] = {site: d for r in reports for site, d in r.densities().items()}
             disable_sage(model)
     else:
         raise ValueError(f"unknown variant {name!r}: use {', '.join(VARIANTS)}")

@@ -64,13 +64,14 @@ def _uncounted():
     """Calibration's kernel runs are not calls of the model: keep them out of `kernels.counters()` (counts other
     threads make meanwhile are lost too; calibration runs once per model)."""
     with _counter_store.lock:
-        saved = dict(_counter_store.calls)
+        saved, density = dict(_counter_store.calls), list(_counter_store.density)
     try:
         yield
     finally:
         with _counter_store.lock:
             _counter_store.calls.clear()
             _counter_store.calls.update(saved)
+            _counter_store.density[:] = density
 
 
 def _fallback_calls() -> int:

@@ -2,7 +2,8 @@
 block schedules), and one-call generation (`sage_video.generate`, `sage_image.generate`).
 
 Importing this package registers the backends `comfy_sage`, `comfy_sage_fp16`, `comfy_sage_fp8`,
-`comfy_sage_fine` and `comfy_sage_exact` with diffusers' attention dispatcher.
+`comfy_sage_fine`, `comfy_sage_int8` and `comfy_sage_exact` with diffusers' attention dispatcher (sparse levels,
+`comfy_sage_sparse_keep_0_9` and the like, are registered when first used).
 """
 from .backend import register_backends
 from .enable import SageReport, disable_sage, enable_sage, sage_state, set_step

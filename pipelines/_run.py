@@ -14,7 +14,7 @@ import torch
 
 from ..kernels import counters, reset_counters
 from ..kernels.schedule import Schedule
-from .enable import disable_sage, enable_sage
+from .enable import disable_sage, enable_sage, with_sparse
 
 ATTENTIONS = ("sage", "sdpa")
 
@@ -36,6 +36,7 @@ class RunResult:
     reports: list = field(default_factory=list)   # enable_sage reports (sage only)
     compare: dict | None = None      # compare=True: the sdpa run, outputs and metrics
     files: dict = field(default_factory=dict)      # every file written, by role
+    densities: dict = field(default_factory=dict)  # sparse runs: {"<model>.<site>": mean density of its calls}
 
     @property
     def median_step_s(self) -> float | None:
@@ -46,7 +47,7 @@ class RunResult:
                 "device": self.device, "dtype": self.dtype, "model": self.model,
                 "shape": list(self.frames.shape), "step_times_s": [round(t, 6) for t in self.step_times],
                 "median_step_s": self.median_step_s, "total_s": round(self.total_s, 4),
-                "counters": self.counters}
+                "counters": self.counters, **({"sparse_densities": self.densities} if self.densities else {})}
 
 
 def median_step(times):
@@ -109,8 +110,9 @@ def resolve_device(device):
 
 
 
-def check_request(prompt, attention, pv, seed, schedule, device):
-    """The checks every generate() makes first; returns (schedule or None, torch.device)."""
+def check_request(prompt, attention, pv, seed, schedule, device, sparse=None, dense_steps=""):
+    """The checks every generate() makes first; returns (schedule or None, torch.device). `sparse` and
+    `dense_steps` (enable_sage's) are folded into the schedule, so that its step check covers them."""
     from .backend import check_pv
 
     if not isinstance(prompt, str) or not prompt.strip():
@@ -119,9 +121,9 @@ def check_request(prompt, attention, pv, seed, schedule, device):
     check_pv(pv)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    schedule = as_schedule(schedule)
+    schedule = with_sparse(as_schedule(schedule), sparse, dense_steps)
     if schedule is not None and attention != "sage":
-        raise ValueError("a schedule only applies to attention='sage'")
+        raise ValueError("a schedule (or sparse attention) only applies to attention='sage'")
     return schedule, resolve_device(device)
 
 
@@ -224,6 +226,11 @@ def denoisers(pipe):
 
     return [c for n, c in pipe.components.items()
             if isinstance(c, ModelMixin) and n.startswith(("transformer", "unet"))]
+
+
+def densities(reports) -> dict:
+    """{"<model>.<site>": mean density} of the sites that ran sparse, over enable_sage's reports."""
+    return {f"{r.model}.{site}": d for r in reports for site, d in r.densities().items()}
 
 
 def run_once(pipe, call_kwargs, *, attention, pv, schedule, seed, device, progress, label):

@@ -17,8 +17,16 @@ Backend names (usable with `diffusers.attention_backend(...)` and `model.set_att
     comfy_sage_fp16   8-bit Q·K, FP16 P·V
     comfy_sage_fp8    8-bit Q·K, FP8 P·V (sm89+)
     comfy_sage_fine   8-bit Q·K with per-token K scales, FP16 P·V (what calibration picks before exact)
+    comfy_sage_int8   8-bit Q·K with per-token K scales and Hadamard-rotated Q, K; INT8 P·V
     comfy_sage_exact  exact attention (SDPA, or fp32 math when an LSE is needed): what a schedule uses where it
                       keeps full precision, and still context-parallel capable
+    comfy_sage_sparse_keep_0_9, comfy_sage_sparse_ratio_0_25, ...: block-sparse 8-bit attention at one level,
+                      registered on first use (`backend_member("sparse:keep=0.9")`, what enable_sage's `sparse` sets
+                      at self-attention sites)
+
+A sparse backend runs the sparse kernel where its call allows it; a call that needs an LSE (ring attention) runs the
+dense 8-bit kernel instead: a sparse selection is made over the keys one call sees, and ring attention's calls see a
+slice of them.
 
 Masks are never dropped. A boolean key-padding mask (HunyuanVideo's prompt padding) is honoured by leaving the
 masked keys out of the call, so the 8-bit kernel runs; any other mask runs exact SDPA with the mask (counted as
@@ -29,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import threading
 
 import torch
@@ -37,22 +46,41 @@ import torch.nn.functional as F
 from ..kernels import exact_sdpa, sage_attention, sage_sdpa
 from ..kernels import count, fallback_reason  # the same counters `kernels.counters()` reports
 from ..kernels._fallback import exact_with_lse
+from ..kernels.schedule import sparse_variant
 
-PV_BY_BACKEND = {
+STATIC_BACKENDS = {
     "comfy_sage": "auto",
     "comfy_sage_fp16": "fp16",
     "comfy_sage_fp8": "fp8",
     "comfy_sage_fine": "fine",  # FP16 P·V and per-token K scales: what calibration picks before exact
+    "comfy_sage_int8": "int8",
     "comfy_sage_exact": None,
 }
+# every backend registered so far, sparse levels included (they are added on first use)
+PV_BY_BACKEND = dict(STATIC_BACKENDS)
 BACKEND_BY_PV = {pv: name for name, pv in PV_BY_BACKEND.items()}
-PV_CHOICES = ("auto", "fp16", "fp8", "fine")
+PV_CHOICES = ("auto", "fp16", "fp8", "int8", "fine")
 
 
 def check_pv(pv) -> str:
+    """pv itself (a sparse variant normalized: "sparse:keep=0.90" -> "sparse:keep=0.9"); ValueError names a bad one."""
+    if isinstance(pv, str) and pv.startswith("sparse:"):
+        try:
+            return sparse_variant(pv[len("sparse:"):])
+        except ValueError as e:
+            raise ValueError(f"unknown pv {pv!r}: {e}") from None
     if pv not in PV_CHOICES:
-        raise ValueError(f"unknown pv {pv!r}: use one of {', '.join(PV_CHOICES)}")
+        raise ValueError(f"unknown pv {pv!r}: use one of {', '.join(PV_CHOICES)}, or sparse:keep=F / sparse:ratio=F")
     return pv
+
+
+def is_sparse(pv) -> bool:
+    return isinstance(pv, str) and pv.startswith("sparse:")
+
+
+def dense_pv(pv):
+    """The dense 8-bit variant that serves a call a sparse variant cannot ("auto"); pv itself otherwise."""
+    return "auto" if is_sparse(pv) else pv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +157,10 @@ def attend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 def attend_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False, *, pv):
     """(out [B, N, H, D], lse [B, N, H] fp32): the 8-bit kernel where it applies, else exact fp32 math (counted
-    as `sdpa-lse:<reason>` in `kernels.counters()`; pv=None is exact by choice and not counted)."""
+    as `sdpa-lse:<reason>` in `kernels.counters()`; pv=None is exact by choice and not counted). A sparse pv runs
+    the dense 8-bit kernel: an LSE is asked for by ring attention, whose calls see a slice of the keys, where a
+    selection by pooled mass would drop different blocks per slice."""
+    pv = dense_pv(pv)
     if dropout_p:
         raise ValueError("comfy_sage: dropout_p > 0 is not supported when an LSE is asked for (context parallelism "
                          "is for inference here)")
@@ -232,26 +263,48 @@ def _make_backend(pv):
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
             forward_op=forward_op, backward_op=_cp_backward_op, _parallel_config=_parallel_config)
 
-    backend.__name__ = f"comfy_sage_backend_{pv or 'exact'}"
+    backend.__name__ = "comfy_sage_backend_" + re.sub(r"\W", "_", pv or "exact")
     return backend
 
 
-@functools.cache
-def register_backends() -> dict:
-    """Register our backends with diffusers (idempotent). Returns {name: AttentionBackendName member}."""
+_members = {}  # backend name -> AttentionBackendName member, once registered
+_register_lock = threading.Lock()
+
+
+def _register(name: str, pv):
+    member = _members.get(name)
+    if member is not None:
+        return member
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    members = {}
-    for name, pv in PV_BY_BACKEND.items():
-        member = _add_enum_member(AttentionBackendName, name.upper(), name)
-        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(_make_backend(pv))
-        members[name] = member
-    return members
+    with _register_lock:
+        if name not in _members:
+            member = _add_enum_member(AttentionBackendName, name.upper(), name)
+            _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(
+                _make_backend(pv))
+            PV_BY_BACKEND[name], BACKEND_BY_PV[pv] = pv, name
+            _members[name] = member
+        return _members[name]
+
+
+def register_backends() -> dict:
+    """Register our fixed backends with diffusers (idempotent). Returns {name: AttentionBackendName member}."""
+    return {name: _register(name, pv) for name, pv in STATIC_BACKENDS.items()}
+
+
+def sparse_backend_name(pv: str) -> str:
+    """"sparse:keep=0.9" -> "comfy_sage_sparse_keep_0_9": an identifier, so its enum member name is valid too."""
+    return "comfy_sage_" + re.sub(r"\W", "_", check_pv(pv))
 
 
 def backend_member(pv):
-    """The diffusers backend enum member for pv ("auto", "fp16", "fp8", "fine", or None for exact)."""
-    return register_backends()[BACKEND_BY_PV[pv]]
+    """The diffusers backend enum member for pv ("auto", "fp16", "fp8", "int8", "fine", None for exact, or a sparse
+    variant "sparse:keep=F" / "sparse:ratio=F", whose backend is registered on first use)."""
+    name = BACKEND_BY_PV.get(pv)
+    if name is None:
+        pv = check_pv(pv)
+        name = BACKEND_BY_PV.get(pv) or sparse_backend_name(pv)
+    return _register(name, pv)
 
 
 # ----------------------------------------------------------------------------------------------------------------

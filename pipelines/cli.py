@@ -30,7 +30,12 @@ def _parser():
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--negative-prompt", default=None)
         s.add_argument("--attention", default="sage", help="sage (8-bit) or sdpa (PyTorch)")
-        s.add_argument("--pv", default="auto", help="P·V precision: auto, fp16 or fp8")
+        s.add_argument("--pv", default="auto", help="P·V precision: auto, fp16, fp8, int8 or fine")
+        s.add_argument("--sparse", default=None, metavar="auto|keep=F|ratio=F",
+                       help="block-sparse self-attention: auto (calibration picks a level per site, dense where "
+                       "attention is not local), keep=F (the key blocks holding a share F of each query tile's "
+                       "attention mass) or ratio=F (a share F of the key blocks); cross-attention stays dense")
+        s.add_argument("--dense-steps", default=None, help="steps that stay dense with --sparse, e.g. '0-1'")
         s.add_argument("--sage-steps", default=None, help="steps that run 8-bit, e.g. '2-' style ranges: "
                        "'1-29' or fractions '0.1-1.0' (default: all)")
         s.add_argument("--exact-steps", default=None, help="steps kept exact, e.g. '0, -1'")
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
         common = dict(model=args.model, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, attention=args.attention, schedule=schedule,
                       compare=args.compare, output_path=args.output, device=args.device, pv=args.pv,
-                      negative_prompt=args.negative_prompt, progress=not args.quiet)
+                      negative_prompt=args.negative_prompt, progress=not args.quiet, sparse=args.sparse,
+                      dense_steps=args.dense_steps or "")
         if args.command == "video":
             from .sage_video import generate
 
@@ -91,6 +97,10 @@ def main(argv=None) -> int:
     print(f"wrote {res.path}  ({res.model}, {res.device}, {res.attention}, {len(res.step_times)} steps, "
           f"median step {res.median_step_s * 1e3:.1f} ms)")
     print(f"attention paths: {json.dumps(res.counters, sort_keys=True)}")
+    if args.sparse and res.attention == "sage":
+        d = [x for x in res.densities.values() if x is not None]
+        print(f"sparse ({args.sparse}): " + (f"{len(d)} sites ran sparse, mean density {sum(d) / len(d):.1%} "
+                                             f"(min {min(d):.1%}, max {max(d):.1%})" if d else "no site ran sparse"))
     if res.attention == "sage" and not any(k.startswith("int8-") for k in res.counters):
         print(f"note: the 8-bit kernel did not run here ({info.get('why')}); every call fell back to exact SDPA")
     if res.compare is not None:

@@ -21,10 +21,17 @@ Calibration (`calibrate=True`): the first forward of each denoiser loads the sav
 weights (`kernels.calibrate`), or, when there is none, runs every attention exactly while measuring the 8-bit
 variants on a sample of query rows at each site; the decision becomes the schedule's `overrides` from the next
 forward on, and is saved for later runs.
+
+Sparse attention (`sparse=`): self-attention sites run the block-sparse 8-bit kernel, at a fixed level
+("keep=F", "ratio=F") or at the level calibration measured per site ("auto": the sparsest within the budget, dense
+where attention is not local); cross-attention stays dense, and so do the `dense_steps`. The density each sparse
+site ran at is recorded after every call of the site (`SageReport.densities()`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -32,9 +39,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import fallback_reason
+from ..kernels._sparse import last_density
 from ..kernels.calibrate import DEFAULT_BUDGET, Calibrator, fingerprint
-from ..kernels.schedule import Schedule, ScheduleError
-from .backend import (PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, kept_keys,
+from ..kernels.schedule import Schedule, ScheduleError, parse_sparse, sparse_variant
+from .backend import (PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, is_sparse, kept_keys,
                       wrap_sdpa_processor)
 from . import wan_rope
 
@@ -55,7 +63,7 @@ class Site:
     group: str | None
     group_index: int | None
     original: object            # the processor's previous _attention_backend, or the processor itself
-    variant: object = "unset"   # pv currently applied ("auto"/"fp16"/"fp8") or None (exact)
+    variant: object = "unset"   # pv currently applied ("auto"/"fp16"/"fp8"/"sparse:keep=0.9"...) or None (exact)
 
 
 @dataclass
@@ -68,6 +76,13 @@ class SageReport:
     groups: dict = field(default_factory=dict)
     calibrator: Calibrator | None = None           # with calibrate=True: status, decision per site (.describe())
     rope_fused: int = 0                            # Wan attention modules whose rotation runs in our pass
+    sparse: str = ""                               # the sparse level asked for: "auto", "keep=F", "ratio=F"
+    sparse_sites: dict = field(default_factory=dict)  # {site name: [variant, density sum, sparse calls]}
+
+    def densities(self) -> dict:
+        """{site name: mean density of its sparse calls (share of query x key blocks computed), None before any}
+        for every site that has run a sparse variant."""
+        return {name: (total / n if n else None) for name, (_, total, n) in self.sparse_sites.items()}
 
     def __str__(self):
         routes = {}
@@ -80,6 +95,10 @@ class SageReport:
             s += f"; left alone: {len(self.skipped)} ({self.skipped[0][1]})"
         if self.calibrator is not None:
             s += "\n" + "\n".join(self.calibrator.describe())
+        if self.sparse_sites:
+            s += f"\nsparse ({self.sparse or 'from the schedule'}) at {len(self.sparse_sites)} sites:"
+            for name, (variant, total, n) in self.sparse_sites.items():
+                s += f"\n  {name}: {variant}" + (f", mean density {total / n:.1%} over {n} calls" if n else "")
         return s
 
 
@@ -99,6 +118,7 @@ class _State:
         self.hook = None
         self.ropes = []                  # wan_rope.FusedRope per Wan attention module
         self.trace = None                # list of (step, num_steps, site name, variant) when tracing
+        self.density_hooks = []          # one per site, where the schedule may run sparse
 
     def resolve(self, step, num_steps):
         out = []
@@ -120,6 +140,8 @@ class _State:
         for s, v in zip(self.sites, self.resolve(step, num_steps)):
             if v != s.variant:
                 _set_site(s, v)
+                if is_sparse(v):
+                    self.report.sparse_sites.setdefault(s.name, [v, 0.0, 0])[0] = v
         self.applied_for = key
         if self.trace is not None:
             self.trace.append((step, num_steps, {s.name: s.variant for s in self.sites}))
@@ -132,6 +154,31 @@ def _set_site(site, pv):
     else:
         proc.pv = pv
     site.variant = pv
+
+
+def _density_hook(report, site):
+    """After each call of a site: the density its sparse kernel call ran at (`kernels._sparse.last_density`, this
+    thread's, read and cleared, so a call that ran no sparse kernel records nothing)."""
+
+    def hook(module, args, output):
+        if torch.compiler.is_compiling():
+            return
+        d = last_density()
+        if d is not None and is_sparse(site.variant):
+            entry = report.sparse_sites.setdefault(site.name, [site.variant, 0.0, 0])
+            entry[1] += d
+            entry[2] += 1
+
+    return hook
+
+
+def _may_run_sparse(schedule) -> bool:
+    return schedule is not None and bool(schedule.sparse or any(map(is_sparse, schedule.overrides.values())))
+
+
+def _step_dependent(schedule) -> bool:
+    return schedule is not None and bool(schedule.steps or schedule.exact_steps
+                                         or (schedule.dense_steps and _may_run_sparse(schedule)))
 
 
 def _attention_classes():
@@ -233,7 +280,7 @@ def _pre_hook(state):
             return None
         step = state.manual_step or (state.step_source(args, kwargs) if state.step_source else None)
         if step is None:
-            if state.schedule.steps or state.schedule.exact_steps:
+            if _step_dependent(state.schedule):
                 raise RuntimeError(
                     f"comfy_sage: the schedule selects steps ({state.schedule.describe()}) but "
                     f"{type(module).__name__} runs outside a pipeline: enable_sage(pipeline, ...) or call "
@@ -339,8 +386,17 @@ def _remove_cal_hooks(state):
 
 
 def _install_decision(state):
-    """From now on: the user's schedule with the calibrated per-site overrides."""
-    sched = state.calibrator.schedule(state.base_schedule or Schedule())
+    """From now on: the user's schedule with the calibrated per-site overrides. With a fixed sparse level,
+    calibration decides exact or 8-bit per site, and the self-attention sites it leaves 8-bit run the level (a
+    dense override would otherwise take precedence over the schedule's level)."""
+    base = state.base_schedule or Schedule()
+    result = state.calibrator.result
+    if result is not None and base.sparse not in ("", "auto"):
+        level = sparse_variant(base.sparse)
+        ov = {site: level if site.endswith(":self") and v != "exact" else v
+              for site, v in result.schedule.overrides.items()}
+        result = dataclasses.replace(result, schedule=dataclasses.replace(result.schedule, overrides=ov))
+    sched = base if result is None else result.merged(base)
     if sched != state.schedule:
         state.schedule = sched
         state.applied_for = object()
@@ -365,27 +421,74 @@ def _models_of(target):
     raise TypeError(f"enable_sage takes a diffusers pipeline or model, got {type(target).__name__}")
 
 
+def _sparse_level(sparse) -> str:
+    """enable_sage's `sparse` as a Schedule's: "" (dense), "auto", or a normalized "keep=F" / "ratio=F"."""
+    if sparse is None or (isinstance(sparse, str) and not sparse.strip()):
+        return ""
+    if isinstance(sparse, str) and sparse.strip().lower() == "auto":
+        return "auto"
+    try:
+        if isinstance(sparse, (int, float)) and not isinstance(sparse, bool) and math.isfinite(sparse):
+            mode, share = parse_sparse(f"keep={float(sparse):g}")
+        elif isinstance(sparse, str):
+            mode, share = parse_sparse(sparse)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"sparse={sparse!r}: use None (dense), 'auto', 'keep=F', 'ratio=F' or a number F "
+                         "(= keep=F), with F in (0, 1]") from None
+    return f"{mode}={share:g}"
+
+
+def with_sparse(schedule: Schedule | None, sparse=None, dense_steps: str = "") -> Schedule | None:
+    """`schedule` with enable_sage's `sparse` level (over the schedule's own) and `dense_steps` added; ValueError
+    names a bad argument."""
+    level = _sparse_level(sparse)
+    if not (level or dense_steps):
+        return schedule
+    extra = Schedule.from_strings(sparse=level, dense_steps=dense_steps or "")
+    schedule = extra if schedule is None else extra.compose(schedule)
+    if dense_steps and not _may_run_sparse(schedule):
+        raise ValueError(f"dense_steps={dense_steps!r} only applies with sparse attention (sparse=...)")
+    return schedule
+
+
 def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "auto", *, calibrate: bool = False,
                 budget: float = DEFAULT_BUDGET, calibration_dir=None, recalibrate: bool = False,
-                fuse_rope: bool = True) -> list[SageReport]:
+                fuse_rope: bool = True, sparse=None, dense_steps: str = "") -> list[SageReport]:
     """Route every attention of a diffusers model (or of each denoiser of a pipeline: Wan 2.2's `transformer`
     and `transformer_2` included; VAE and text encoders untouched) through comfy_sage.
 
     schedule: a `kernels.schedule.Schedule` (steps/blocks/kinds that run 8-bit; elsewhere exact attention), or
-    None for 8-bit everywhere. pv: P·V precision where the schedule says "auto" ("auto", "fp16", "fp8").
+    None for 8-bit everywhere. pv: P·V precision where the schedule says "auto" ("auto", "fp16", "fp8", "int8",
+    "fine").
     calibrate: keep exact attention at the sites (block x self/cross) where 8-bit errs by more than `budget`
     (relative L1 against exact attention), FP8 or FP16 P·V elsewhere (the fastest within budget). The first
     forward of each model measures (and runs exactly) unless a decision for its weights is saved in
     `calibration_dir` (default `kernels.calibrate.default_dir()`); `recalibrate=True` measures anyway.
     fuse_rope: rotate Wan's q and k in one Triton pass instead of diffusers' torch ops (the same values but for
     one bf16 unit in the last place in ~2e-5 of them; `pipelines.wan_rope`); False keeps diffusers' rotation.
-    Returns one `SageReport` per model (`.calibrator.describe()`: the per-site decisions once made). Masks are
-    honoured (exact fallback), never dropped.
+    sparse: None or "" (dense attention), "keep=F" (every 8-bit self-attention site visits the key blocks holding a
+    share F of each query tile's pooled attention mass; a number F means the same), "ratio=F" (a fixed share F of
+    the key blocks), or "auto" (calibration, turned on by it, also measures the self-attention sites at sparse
+    levels and takes the sparsest within `budget`; sites whose attention is not local stay dense). Cross-attention
+    stays dense. It sets the schedule's `sparse` (over the `schedule`'s own); with `calibrate` and a fixed level,
+    calibration decides exact or 8-bit per site and the 8-bit self-attention sites run the level. dense_steps: steps
+    (the `steps` grammar, e.g. "0-1" or "0.0-0.1") that run dense 8-bit attention although `sparse` is set.
+    Returns one `SageReport` per model (`.calibrator.describe()`: the per-site decisions once made;
+    `.densities()`: the mean density of each site's sparse calls so far). Masks are honoured (exact fallback),
+    never dropped.
     """
     check_pv(pv)
+    if is_sparse(pv):
+        raise ValueError(f"pv={pv!r}: pass the level as sparse={pv[len('sparse:'):]!r} (pv is the P·V precision; "
+                         "sparse runs at self-attention sites only)")
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a comfy_sage Schedule (Schedule.from_strings(...)), got "
                         f"{type(schedule).__name__}")
+    schedule = with_sparse(schedule, sparse, dense_steps)
+    if schedule is not None and schedule.sparse == "auto":
+        calibrate = True  # the per-site levels are what calibration measures
     reports = []
     for label, model, source in _models_of(model_or_pipeline):
         if getattr(model, _STATE_ATTR, None) is not None:
@@ -403,18 +506,21 @@ def enable_sage(model_or_pipeline, schedule: Schedule | None = None, pv: str = "
         cal = None
         if calibrate:
             cal = Calibrator(fingerprint(model), model=type(model).__name__, budget=budget, pv=pv,
-                             directory=calibration_dir, recalibrate=recalibrate)
+                             directory=calibration_dir, recalibrate=recalibrate,
+                             sparse=schedule is not None and schedule.sparse == "auto")
         report = SageReport(label, [(s.name, s.route, s.kind, s.block) for s in sites], skipped, num_blocks, groups,
-                            cal)
+                            cal, sparse=schedule.sparse if schedule is not None else "")
         state = _State(model, sites, schedule, pv, source, report, cal)
         # Static part now: without a schedule every site runs `pv`; with one, step 0 of an unknown count until
         # the first forward tells the step.
-        if schedule is None or not (schedule.steps or schedule.exact_steps):
+        if not _step_dependent(schedule):
             state.apply(None, None)
         for s in sites:
             if s.variant == "unset":
                 _set_site(s, None)
         state.hook = model.register_forward_pre_hook(_pre_hook(state), with_kwargs=True)
+        if _may_run_sparse(schedule):
+            state.density_hooks = [s.module.register_forward_hook(_density_hook(report, s)) for s in sites]
         if fuse_rope:
             state.ropes = [wan_rope.FusedRope(s.module) for s in sites
                            if s.kind == "self" and wan_rope.applies(s.module)]
@@ -433,8 +539,8 @@ def disable_sage(model_or_pipeline) -> None:
         if state is None:
             continue
         state.hook.remove()
-        for r in state.ropes:
-            r.remove()
+        for h in (*state.ropes, *state.density_hooks):
+            h.remove()
         _remove_cal_hooks(state)
         for s in state.sites:
             if s.route == "dispatch":

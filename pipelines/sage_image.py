@@ -36,11 +36,12 @@ def size_multiple(pipe, family):
 def generate(prompt: str, *, model=None, height: int | None = None, width: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, attention: str = "sage",
              schedule=None, compare: bool = False, output_path: str | None = None, device=None, pv: str = "auto",
-             negative_prompt: str | None = None, progress: bool = True, pipeline=None) -> _run.RunResult:
+             negative_prompt: str | None = None, progress: bool = True, pipeline=None, sparse=None,
+             dense_steps: str = "") -> _run.RunResult:
     """Generate an image with 8-bit attention ("sage") or SDPA ("sdpa"). Same arguments and result as
     `sage_video.generate` without frames; compare=True writes `<out>.sdpa`, `<out>.side_by_side`, `<out>.diff`
     images and `<out>.json` (timings, speed-up, PSNR)."""
-    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
+    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device, sparse, dense_steps)
     dtype = torch.bfloat16
     pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
     height, width, steps, guidance = _run.with_defaults(DEFAULTS[family], height=height, width=width, steps=steps,
@@ -68,7 +69,8 @@ def generate(prompt: str, *, model=None, height: int | None = None, width: int |
         out, times, total, cnt, reports = _run.run_once(pipe, call, attention=att, pv=pv, schedule=schedule,
                                                          seed=seed, device=dev, progress=progress, label=att)
         runs[att] = _run.RunResult(None, _run.to_uint8(out.images[0]), times, total, cnt, att, pv, seed, str(dev),
-                                   str(dtype).split(".")[-1], label, [str(r) for r in reports])
+                                   str(dtype).split(".")[-1], label, [str(r) for r in reports],
+                                   densities=_run.densities(reports))
     res = runs[attention]
     res.path = _run.write_image(out_path, res.frames)
     res.files["image"] = res.path

@@ -59,18 +59,20 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
              width: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
              attention: str = "sage", schedule=None, compare: bool = False, output_path: str | None = None,
              device=None, pv: str = "auto", negative_prompt: str | None = None, fps: int | None = None,
-             progress: bool = True, pipeline=None) -> _run.RunResult:
+             progress: bool = True, pipeline=None, sparse=None, dense_steps: str = "") -> _run.RunResult:
     """Generate a video with 8-bit attention (attention="sage") or plain SDPA ("sdpa").
 
     model: None builds the embedded tiny Wan-style pipeline (random weights, local tokenizer, no downloads);
     a path loads a local diffusers folder (Wan 2.1/2.2, CogVideoX, LTX, HunyuanVideo; local files and
     safetensors only). `pipeline=` reuses an already built pipeline instead.
     schedule: a `Schedule` (or its dict/JSON) choosing steps/blocks/kinds that run 8-bit.
+    sparse, dense_steps: block-sparse self-attention, as `enable_sage` takes them ("auto", "keep=F", "ratio=F";
+    steps that stay dense); the report lists each sparse site's mean density.
     compare: also run SDPA with the same seed; writes `<out>.sdpa`, `<out>.side_by_side` (SDPA | sage),
     `<out>.diff` (|difference| x4) videos and `<out>.json` (timings, per-step speed-up, per-frame PSNR).
     Returns a RunResult: path, frames (uint8 [F, H, W, 3]), step_times, counters, compare...
     """
-    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device)
+    schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device, sparse, dense_steps)
     dtype = torch.bfloat16
     pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
     num_frames, height, width, steps, guidance, fps = _run.with_defaults(
@@ -96,7 +98,7 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
                                                          seed=seed, device=dev, progress=progress, label=att)
         frames = _run.to_uint8(out.frames[0])
         return _run.RunResult(None, frames, times, total, cnt, att, pv, seed, str(dev), str(dtype).split(".")[-1],
-                              label, [str(r) for r in reports])
+                              label, [str(r) for r in reports], densities=_run.densities(reports))
 
     runs = {}
     order = ("sdpa", "sage") if compare else (attention,)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comfy_sage.bench.bench import local_inputs
-from comfy_sage.kernels import _api, _arch, _fallback, _sparse, counters, reset_counters
+from comfy_sage.kernels import _api, _arch, _fallback, _sparse, counters, reset_counters, sparse_density
 from kernel_cases import exact, make_qkv, rel_l1
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +118,7 @@ def test_calibration_goes_sparse_only_where_attention_is_local():
     q, k, v = make_qkv(1, 2, 2, 256, 256, 64, device=DEV, seed=4)
     errs = calibrate.sparse_errors(q, k, v, levels=(0.99, 0.9, 0.6), pv="fp16", rows=128)
     assert calibrate.choose_sparse(errs, budget=0.05) is None, errs
-    assert counters() == {}  # calibration's calls are not counted
+    assert counters() == {} and sparse_density() is None  # calibration's calls are not counted
 
 
 def test_fixed_ratio_sets_the_density():
@@ -146,8 +146,8 @@ def test_sparse_benchmark_script_smoke(tmp_path):
     res = json.loads(out.read_text())
     for case in ("local", "diffuse", "random"):
         rows = res["results"][case]
-        assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25", "sage_dense_int8",
-                             "sage_dense_fp16", "sparse_ratio0.25_int8", "sparse_ratio0.25_fp16"}
+        assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25",
+                             *(f"{m}_{pv}" for m in ("sage_dense", "sparse_ratio0.25") for pv in ("fp8", "int8", "fp16"))}
         assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
         assert rows["sdpa"]["rel_l1"] < 0.01 and rows["sage_dense"]["rel_l1"] < 0.05, rows
         assert rows["sage_dense_int8"]["rel_l1"] < 0.03 and rows["sage_dense_fp16"]["rel_l1"] < 0.03, rows
