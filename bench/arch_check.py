@@ -119,7 +119,7 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                              num_warps=quant_warps(dp))
                 for causal in (False, True):
                     out.append(dict(attn, causal=causal))
-                    if D in SPARSE_DIMS and pv == entry.pv_for(D):  # the block-sparse variant of the auto path
+                    if D in SPARSE_DIMS and pv == entry.sparse_pv:  # the block-sparse variant sparse calls run
                         out.append(dict(attn, causal=causal, sparse=True))
                     # as _api._warp_specialized picks it: full attention, FP8 P·V, an unpadded head dim, a tma tile
                     if ws and tile.ws is not None and tile.tma and pv == "fp8" and not causal and D == dp:
