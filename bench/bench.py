@@ -6,7 +6,6 @@ The grid and TOPS formula of shared/anchors/h100.md: fp16, HND, B = max(1, 16384
 measures SDPA's flash, efficient and cuDNN backends in the same process. Accuracy vs fp32 on `randn` and `kbias`
 inputs (B=1, H=8, N=4096). Writes bench/results/<gpu>-<date>.json and .png and prints ratios.
 """
-import argparse
 import datetime
 import json
 import math
@@ -275,17 +274,8 @@ def cpu_accuracy(n=256, heads=2):
     return 0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m comfy_sage bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="N in {4096, 16384} only")
-    ap.add_argument("--n", help="comma-separated sequence lengths instead of the grid's")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--sweep", action="store_true", help="tile sweep at N=16384 instead of the grid")
-    ap.add_argument("--skip-accuracy", action="store_true")
-    ap.add_argument("--accuracy-only", action="store_true", help="the accuracy table without the speed grid")
-    ap.add_argument("--cpu-n", type=int, default=256, help="sequence length of the accuracy table on a machine "
-                    "without CUDA (Triton's interpreter)")
-    args = ap.parse_args(argv)
+def run(args):
+    """`python -m comfy_sage bench`, from the arguments comfy_sage/__main__.py declares (no torch needed to parse)."""
     if not torch.cuda.is_available():
         return cpu_accuracy(args.cpu_n)
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), doctor=_arch.doctor())

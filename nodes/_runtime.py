@@ -27,13 +27,27 @@ Sparse attention (SageAttention Sparse): a schedule whose `sparse` level makes `
 runs our attention the Sparse node's state takes the place of the one there, keeping its settings; Apply or
 Calibrate after a Sparse node take its state's place and keep its rules: either order gives one override, not two
 chained ones. Each sparse call's density (share of key blocks computed) is recorded per site for the report.
+
+Current core (2026)
+-------------------
+* q, k, v reach attention functions in `AttentionTensorContainer`s; core's `wrap_attn` hands them to an override's
+  `container_function` where it has one (ours: `SageState.container_function`), else takes the tensors out and calls
+  the override as before. With plain tensors (0.3.6x) nothing changes.
+* Our override is checked by core before a layer's `preferred_attention` (per-layer configs from the checkpoint) and
+  before its global default (--use-ck-attention ...): where our node is applied it decides every call, and its exact
+  calls go to the override that was there before (a Model Attention Backend, core's Model Sparse Attention), else to
+  core's selected attention. We patch no globals: models without our node keep core's choices.
+* `register_attention()` adds ours to core's registry as "comfy_sage"; `core_selection` records what core had selected
+  when our node was applied, for the report.
 """
 from __future__ import annotations
 
 import contextvars
+import importlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -80,7 +94,7 @@ class SageState:
 
     def __init__(self, enabled: bool, pv: str, schedule: Schedule | None, verbose: bool, structure: dict,
                  previous_override=None, label: str = "sage", calibrator: Calibrator | None = None,
-                 sparse: tuple | None = None):
+                 sparse: tuple | None = None, core: tuple = ()):
         self.enabled = enabled
         self.pv = pv
         self.schedule = (schedule or ALL)
@@ -92,6 +106,7 @@ class SageState:
         self.verbose = verbose
         self.structure = structure
         self.previous = previous_override
+        self.core = core  # what core had selected when the node was applied (`core_selection`), for the report
         self.label = label
         self._lock = threading.Lock()
         self.runs: list[dict] = []
@@ -126,11 +141,34 @@ class SageState:
         return func(*args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 1, "k"), _arg(args, kwargs, 2, "v")
+        """The override as core calls it with plain tensors: ComfyUI 0.3.60 to 0.3.x, and current core for an
+        override without `container_function`. Core's wrapper holds q, k, v until this returns."""
+        q, k, v = (_arg(args, kwargs, i, name) for i, name in enumerate("qkv"))
+        variant, site = self._decide(q, k, v, args, kwargs)
+        if variant is None:
+            self.record(*site)
+            return self._exact(func, args, kwargs)
+        return self._attend(variant, site, [q, k, v], args, kwargs)
+
+    def container_function(self, *args, **kwargs):
+        """The override as current core calls it when q, k, v come in AttentionTensorContainers (there is no `func`:
+        core's wrapper passes only the call's arguments). The decision reads the tensors in place (`peek`). An 8-bit
+        call takes them out, so that our call holds their only references, and they are freed as soon as the kernel
+        returns, before the output is reshaped. `sage_sdpa` quantizes inside one call and holds its inputs until
+        it returns: each 16-bit tensor lives through the kernel, not past it. An exact call hands the containers on
+        untouched (`_exact_containers`), so the next function may release them its own way."""
+        variant, site = self._decide(*(c.peek() for c in args[:3]), args, kwargs)
+        if variant is None:
+            self.record(*site)
+            return self._exact_containers(args, kwargs)
+        return self._attend(variant, site, [c.take() for c in args[:3]], args, kwargs)
+
+    def _decide(self, q, k, v, args, kwargs):
+        """(variant, site) of one call: the 8-bit variant it runs, or None when it runs exactly; site is what
+        `record` takes (for an exact call, the reason first). Keeps no reference to q, k or v."""
         heads = _arg(args, kwargs, 3, "heads")
         mask = _arg(args, kwargs, 4, "mask")
         skip_reshape = bool(kwargs.get("skip_reshape", False))
-        skip_output_reshape = bool(kwargs.get("skip_output_reshape", False))
         to = kwargs.get("transformer_options") or {}
         fw = _forward.get()
         if fw is None:
@@ -141,37 +179,49 @@ class SageState:
         step = fw.step
         if fw.calibrating:
             self._measure(q, k, v, heads, mask, skip_reshape, kwargs, block, group, gidx, kind)
-            self.record("exact:calibration", step, block, kind)
-            return self._exact(func, args, kwargs)
-
+            return None, ("exact:calibration", step, block, kind)
         variant = self.schedule.variant(step, fw.num_steps, block, kind, group=group, group_index=gidx)
         why = "exact:schedule" if variant is None else _why_exact(q, k, v, heads, mask, skip_reshape, kwargs)
         if why is not None:
-            self.record(why, step, block, kind)
-            return self._exact(func, args, kwargs)
+            return None, (why, step, block, kind)
+        return variant, (step, block, kind)
 
-        qh, kh, vh = _to_hnd(q, k, v, heads, skip_reshape)
+    def _attend(self, variant, site, qkv: list, args, kwargs):
+        """Run the kernel on `qkv` ([q, k, v], emptied on the way in) and record which path ran."""
         sparse = variant.startswith("sparse:")
         if sparse:
             _sparse.last_density()  # forget an earlier call's: a call that falls back to SDPA sets none
         before = kernel_counters()
-        out = sage_sdpa(qh, kh, vh, enable_gqa=bool(kwargs.get("enable_gqa", False)), pv=variant)
+        out = _sage_hnd(qkv, _arg(args, kwargs, 3, "heads"), bool(kwargs.get("skip_reshape", False)), variant,
+                        bool(kwargs.get("enable_gqa", False)), kwargs.get("scale"))
         after = kernel_counters()
         ran = [p for p in after if after[p] != before.get(p, 0)]
-        self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", step, block, kind,
+        self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", *site,
                     _sparse.last_density() if sparse else None)
-        if skip_output_reshape:
-            return out
-        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        return _from_hnd(out, bool(kwargs.get("skip_output_reshape", False)))
+
+    def _exact_containers(self, args, kwargs):
+        """An exact call whose q, k, v are in containers. To an earlier override that takes containers, they go
+        as they are; to any other earlier override, as tensors, with core's selected attention as its `func`;
+        without one, to core's selected attention, whose own container path then runs (comfy-kitchen's INT8, for
+        one, releases them once quantized). Core's wrapper set `_inside_attn_wrapper` in kwargs, so that function
+        runs directly and does not come back to us."""
+        previous = self.previous
+        if previous is not None and getattr(previous, "container_function", None) is not None:
+            return previous.container_function(*args, **kwargs)
+        core = _core_attention()
+        if previous is None:
+            return core(*args, **kwargs)
+        return previous(core, *(c.take() for c in args[:3]), *args[3:], **kwargs)
 
     def _measure(self, q, k, v, heads, mask, skip_reshape, kwargs, block, group, gidx, kind):
         """Calibration: measure the 8-bit variants on this call where the kernel would run it."""
         if block is None or _why_exact(q, k, v, heads, mask, skip_reshape, kwargs) is not None:
             return
         qh, kh, vh = _to_hnd(q, k, v, heads, skip_reshape)
-        gqa = bool(kwargs.get("enable_gqa", False))
-        if fallback_reason(qh, kh, vh, enable_gqa=gqa) is None:
-            self.calibrator.observe(f"{block}:{kind}", qh, kh, vh, group=group, group_index=gidx)
+        gqa, scale = bool(kwargs.get("enable_gqa", False)), kwargs.get("scale")
+        if fallback_reason(qh, kh, vh, scale=scale, enable_gqa=gqa) is None:
+            self.calibrator.observe(f"{block}:{kind}", qh, kh, vh, scale=scale, group=group, group_index=gidx)
 
     def _calibration_starts(self, x) -> bool:
         """Before a model call: True when this call must measure; installs a loaded or new decision."""
@@ -293,6 +343,28 @@ def _to_hnd(q, k, v, heads, skip_reshape):
     return tuple(t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
 
 
+def _sage_hnd(qkv: list, heads, skip_reshape, pv, enable_gqa, scale=None):
+    """`sage_sdpa` on q, k, v taken out of `qkv`: where the caller handed over their only references (core's
+    containers), the 16-bit tensors are freed when this returns. scale: current core's attention functions take one
+    (None: 1/sqrt(head dim))."""
+    qh, kh, vh = _to_hnd(*qkv, heads, skip_reshape)
+    qkv.clear()
+    return sage_sdpa(qh, kh, vh, scale=scale, enable_gqa=enable_gqa, pv=pv)
+
+
+def _from_hnd(out, skip_output_reshape):
+    """The kernel's [B, H, N, D] in the layout ComfyUI asked for ([B, N, H*D] is a copy)."""
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def _core_attention():
+    """Core's selected attention function (`optimized_attention`: the default, or what --use-ck-attention,
+    --use-sage-attention ... chose): what exact calls run where core gave us containers, and with them no `func`."""
+    return importlib.import_module("comfy.ldm.modules.attention").optimized_attention
+
+
 def _arg(args, kwargs, i, name):
     if len(args) > i:
         return args[i]
@@ -385,6 +457,112 @@ def check_hook():
                           "Update ComfyUI.")
 
 
+# ---- current core: its registry of named attention functions, and what it had selected -----------------------------
+ATTENTION_NAME = "comfy_sage"  # our attention's name in core's registry
+CORE_SPARSE_CALLBACK = "block_sparse_attention"  # key of core's Model Sparse Attention's per-step re-install
+_FLAGS = {"comfy_kitchen_int8": "--use-ck-attention", "sage": "--use-sage-attention",
+          "flash": "--use-flash-attention"}  # core's flags that make these its default attention
+_NAMED = SageState(True, "auto", None, False, {"family": None, "num_blocks": None}, label="registered")
+
+
+def _named_attention(*args, **kwargs):
+    """Our attention as a function of core's registry: 8-bit wherever the kernel applies, with the pack's defaults
+    (pv auto, every call, no schedule and nobody to report to); core's selected attention elsewhere."""
+    return _NAMED(_core_attention(), *args, **kwargs)
+
+
+def register_attention() -> bool:
+    """Put our attention in core's registry under ATTENTION_NAME (`register_attention_function`), so that tools
+    selecting attention by name (`get_attention_function`, then `set_model_optimized_attention`, as the Model
+    Attention Backend node does) can pick it. Once per process: a name already taken, by us or by someone else, is
+    left alone (core would warn). Reads core from sys.modules and never imports it; False where core is not loaded
+    or has no registry."""
+    core = sys.modules.get("comfy.ldm.modules.attention")
+    register, wrap = getattr(core, "register_attention_function", None), getattr(core, "wrap_attn", None)
+    get = getattr(core, "get_attention_function", None)
+    if register is None or wrap is None or get is None:
+        return False
+    have = get(ATTENTION_NAME, None)
+    if have is not None:
+        return bool(getattr(have, "comfy_sage", False))
+    fn = wrap(_named_attention)  # core's own dispatch in front of it: overrides, containers, _inside_attn_wrapper
+    fn.container_function = _NAMED.container_function  # what set_model_optimized_attention carries over
+    fn.comfy_sage = True
+    register(ATTENTION_NAME, fn)
+    return True
+
+
+def _attention_name(fn) -> str:
+    """Core's registry name of an attention function, else its own name."""
+    core = sys.modules.get("comfy.ldm.modules.attention")
+    for name, f in (getattr(core, "REGISTERED_ATTENTION_FUNCTIONS", None) or {}).items():
+        if f is fn:
+            return name
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _closure_value(fn, var):
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    for name, cell in zip(code.co_freevars if code is not None else (), cells):
+        if name == var:
+            try:
+                return cell.cell_contents
+            except ValueError:  # an empty cell
+                return None
+    return None
+
+
+def _core_sparse(fn) -> bool:
+    """Whether `fn` (an override or a block patch) comes from core's Model Sparse Attention node."""
+    return "nodes_sparse_attention" in (getattr(fn, "__module__", None) or "")
+
+
+def _sparse_settings(patch) -> str:
+    """The method and level of core's Model Sparse Attention, from the options object its override closes over."""
+    ratio, tau = getattr(patch, "topk_ratio", None), getattr(patch, "tau", None)
+    if getattr(patch, "vsa", False) and ratio:
+        return f" (vsa, keep {ratio:.0%})"
+    if ratio:
+        return f" (sla, keep {ratio:.0%})"
+    return f" (sol-attn, tau {tau:g})" if isinstance(tau, (int, float)) else ""
+
+
+def describe_override(fn) -> str:
+    """A transformer_options["optimized_attention_override"] in words, for the report."""
+    if isinstance(fn, SageState):
+        return f"comfy_sage [{fn.label}]"
+    module, qual = getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    if _core_sparse(fn):
+        return "core's Model Sparse Attention" + _sparse_settings(_closure_value(fn, "patch"))
+    if "set_model_optimized_attention" in qual:  # ModelPatcher's setter, which the Model Attention Backend node uses
+        chosen = _closure_value(fn, "optimized_attention")
+        return "the model's attention backend" + (f" {_attention_name(chosen)}" if chosen is not None else "")
+    return f"{module}.{qual}".strip(".")
+
+
+def core_selection(diffusion_model, previous, enabled=True) -> tuple:
+    """What core had selected for a model's attention when our node was applied, one line each: core's default
+    attention function (set by flags such as --use-ck-attention), the override that was on the hook, and the
+    per-layer attention configs the checkpoint carries (core's `preferred_attention`)."""
+    lines = []
+    default = getattr(sys.modules.get("comfy.ldm.modules.attention"), "optimized_attention", None)
+    if default is not None:
+        name = _attention_name(default)
+        lines.append(f"default attention {name}" + (f" ({_FLAGS[name]})" if name in _FLAGS else ""))
+    if previous is not None:
+        lines.append(f"override before ours: {describe_override(previous)} "
+                     + ("(our exact calls go to it)" if enabled else "(it runs every call: this node is off)"))
+    configs, usable = Counter(), Counter()
+    for m in diffusion_model.modules():
+        config = getattr(m, "config", None) if type(m).__name__ == "ComfyAttention" else None
+        if isinstance(config, dict):
+            configs[str(config.get("attention"))] += 1
+            usable[str(config.get("attention"))] += getattr(m, "function", None) is not None
+    lines += [f"checkpoint's per-layer attention: {method} on {n} layers ({usable[method]} usable on this device), "
+              "used where no override is on the hook" for method, n in sorted(configs.items())]
+    return tuple(lines)
+
+
 def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None, verbose=False, label="sage",
             calibrate: dict | None = None, sparse: tuple | None = None, replace: SageState | None = None):
     """Clone a ComfyUI ModelPatcher and install our override and wrappers on the clone; return (clone, state).
@@ -407,6 +585,7 @@ def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None,
             label += "+sparse"
     if enabled:
         check_hook()
+        register_attention()
     dm = model.get_model_object("diffusion_model")
     structure = structure_of(dm)
     calibrator = None
@@ -418,8 +597,21 @@ def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None,
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     previous = replace.previous if replace is not None else to.get("optimized_attention_override")
+    core = core_selection(dm, previous, enabled)
+    # Core's Model Sparse Attention puts its override back on top of the hook before every step; on this clone that
+    # would put it in front of ours. Ours decides here: the re-install goes (the model it came from keeps it), and
+    # its override stays where it was, below ours, running our exact calls.
+    prepare = getattr(getattr(pe, "CallbacksMP", None), "ON_PREPARE_STATE", "on_prepare_state")
+    if enabled and CORE_SPARSE_CALLBACK in (getattr(m, "callbacks", None) or {}).get(prepare, {}):
+        m.remove_callbacks_with_key(prepare, CORE_SPARSE_CALLBACK)
+        core += ("core's Model Sparse Attention re-installs itself each step: dropped on this model, ours stays "
+                 "on top",)
+    dit_below = to.get("patches_replace", {}).get("dit", {}).values()
+    if enabled and (replace is None or not replace.enabled) and any(_core_sparse(p) for p in dit_below):
+        core += ("core's Model Sparse Attention's block patches (MiniMax-H3: attention outside the hook): dropped on "
+                 "this model",)
     state = SageState(enabled, pv, sched, verbose, structure, previous_override=previous, label=label,
-                      calibrator=calibrator, sparse=sparse)
+                      calibrator=calibrator, sparse=sparse, core=core)
     if replace is not None:  # the clone's copies of its wrapper lists; the original model keeps its own
         for kind in (pe.WrappersMP.APPLY_MODEL, pe.WrappersMP.OUTER_SAMPLE):
             to.get("wrappers", {}).get(kind, {}).pop(WRAPPER_KEY, None)
@@ -430,7 +622,8 @@ def install(model, *, enabled=True, pv="auto", schedule: Schedule | None = None,
         if replace is None or not replace.enabled:
             dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
             for key, i, flat, group in structure["patches"]:
-                dit[(key, i)] = state.block_patch(flat, group, i, dit.get((key, i)))
+                below = dit.get((key, i))  # core's sparse block patch would bypass the hook: ours decides here
+                dit[(key, i)] = state.block_patch(flat, group, i, None if _core_sparse(below) else below)
     elif replace is not None:  # default attention: what the replaced state chained to
         to.pop("optimized_attention_override", None)
         if previous is not None:
@@ -514,13 +707,21 @@ def _total_time(run) -> float:
     return float(sum(run["steps"].values()))
 
 
-def summary(state: SageState, baseline: SageState | None = None) -> str:
+def summary(state: SageState, baseline: SageState | None = None, model=None) -> str:
+    """The report. model: the model the report node got; a note when a node after ours put another override on its
+    attention hook (that one then decides first)."""
     run = state.run
     name = f"comfy_sage [{state.label}]"
     if not state.enabled:
         name += " (disabled: default attention)"
     lines = [f"{name}: schedule {state.schedule.describe()}; model {state.structure.get('family')}, "
              f"{state.structure.get('num_blocks')} blocks"]
+    if state.core:
+        lines += ["  core's attention when applied:"] + [f"    {line}" for line in state.core]
+    hook = getattr(model, "model_options", {}).get("transformer_options", {}).get("optimized_attention_override")
+    if state.enabled and hook is not None and hook is not state:
+        lines.append(f"  note: a node after this one put {describe_override(hook)} on this model's attention hook: "
+                     "it decides first, ours runs only the calls it hands on, if any")
     if state.calibrator is not None:
         lines += ["  " + line for line in state.calibrator.describe()]
     if not run["forwards"]:

@@ -21,7 +21,11 @@ _INT8_TIP = "int8 = INT8 P·V with Hadamard-rotated Q/K, the most accurate 8-bit
 
 
 def _validate(**fields) -> bool | str:
-    """VALIDATE_INPUTS helper: True, or the ScheduleError text (it names the bad token)."""
+    """VALIDATE_INPUTS helper: True, or the ScheduleError text (it names the bad token).
+
+    ComfyUI files a failed VALIDATE_INPUTS under every input the method takes (execution.validate_inputs), so only a
+    node with one schedule string validates it there; the step and block schedules, which have two, report a bad
+    token when they run (build), once, naming the input that holds it."""
     try:
         Schedule.from_strings(**{k: v for k, v in fields.items() if isinstance(v, str)})
     except ScheduleError as e:
@@ -194,10 +198,6 @@ class SageAttentionStepSchedule(_ScheduleNode):
                                                      "agree for a call to run 8-bit)."})},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, steps="", exact_steps=""):
-        return _validate(steps=steps, exact_steps=exact_steps)
-
 
 class SageAttentionBlockSchedule(_ScheduleNode):
     DESCRIPTION = ("Which blocks run 8-bit attention: flat indices in forward order ('0-3, 38-39'), or the "
@@ -216,15 +216,13 @@ class SageAttentionBlockSchedule(_ScheduleNode):
             "optional": {"schedule": (SCHEDULE_TYPE, {"tooltip": "Compose with another schedule (steps × blocks)."})},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, blocks="", exact_blocks=""):
-        return _validate(blocks=blocks, exact_blocks=exact_blocks)
-
 
 class SageAttentionReport:
     DESCRIPTION = ("After sampling: per-step time, attention calls by path (8-bit, or exact and why), the "
                    "per-site decisions of SageAttention Calibrate, the density of each sparse site (SageAttention "
-                   "Sparse) and, with a baseline model (Apply SageAttention with enabled off), the speed-up.")
+                   "Sparse), what ComfyUI core had selected for attention when the node was applied (default "
+                   "attention, attention backend, per-layer attention, Model Sparse Attention) and, with a "
+                   "baseline model (Apply SageAttention with enabled off), the speed-up.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -251,7 +249,7 @@ class SageAttentionReport:
         if st is None:
             text = "comfy_sage: this model did not pass through Apply SageAttention; nothing to report"
         else:
-            text = _runtime.summary(st, _runtime.state_of(baseline_model))
+            text = _runtime.summary(st, _runtime.state_of(baseline_model), model=model)
         print(text)
         return {"ui": {"text": [text]}, "result": (text,)}
 

@@ -6,49 +6,8 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m comfy_sage", description="Generate with 8-bit SageAttention "
-                                "through diffusers (no model given: an embedded tiny pipeline with random weights).")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, what in (("video", "a video (Wan 2.1/2.2, CogVideoX, LTX, HunyuanVideo)"),
-                       ("image", "an image (Flux, SD3)")):
-        s = sub.add_parser(name, help=f"generate {what}")
-        s.add_argument("prompt", help="the text prompt")
-        s.add_argument("--model", default=None, help="local diffusers folder (default: embedded tiny model)")
-        if name == "video":
-            s.add_argument("--frames", type=int, default=None, help="number of frames (the model's 4k+1 rule...)")
-            s.add_argument("--fps", type=int, default=None)
-        s.add_argument("--height", type=int, default=None)
-        s.add_argument("--width", type=int, default=None)
-        s.add_argument("--steps", type=int, default=None, help="denoising steps")
-        s.add_argument("--guidance", type=float, default=None, help="guidance scale")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--negative-prompt", default=None)
-        s.add_argument("--attention", default="sage", help="sage (8-bit) or sdpa (PyTorch)")
-        s.add_argument("--pv", default="auto", help="P·V precision: auto, fp16, fp8, int8 or fine")
-        s.add_argument("--sparse", default=None, metavar="auto|keep=F|ratio=F",
-                       help="block-sparse self-attention: auto (calibration picks a level per site, dense where "
-                       "attention is not local), keep=F (the key blocks holding a share F of each query tile's "
-                       "attention mass) or ratio=F (a share F of the key blocks); cross-attention stays dense")
-        s.add_argument("--dense-steps", default=None, help="steps that stay dense with --sparse, e.g. '0-1'")
-        s.add_argument("--sage-steps", default=None, help="steps that run 8-bit, e.g. '2-' style ranges: "
-                       "'1-29' or fractions '0.1-1.0' (default: all)")
-        s.add_argument("--exact-steps", default=None, help="steps kept exact, e.g. '0, -1'")
-        s.add_argument("--sage-blocks", default=None, help="blocks that run 8-bit, e.g. '1-28' or 'single'")
-        s.add_argument("--exact-blocks", default=None, help="blocks kept exact, e.g. '0, 39'")
-        s.add_argument("--sage-attention", default=None, help="attention kinds that run 8-bit: all, self, cross")
-        s.add_argument("--schedule", default=None, help="a schedule JSON file (from calibration or the nodes)")
-        s.add_argument("--compare", action="store_true", help="also run SDPA with the same seed; write side by "
-                       "side, difference and a JSON report (timings, speed-up, PSNR)")
-        s.add_argument("--output", "-o", default=None, help="output file (.mp4/.gif for video, .png for image)")
-        s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-        s.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def _schedule(args):
@@ -72,7 +31,14 @@ def _schedule(args):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    """`python -m comfy_sage video|image ...` from Python: argv starts with the command."""
+    from ..__main__ import main as cli_main
+
+    return cli_main(argv)
+
+
+def run(command: str, args) -> int:
+    """Generate from arguments parsed by `comfy_sage.__main__` (which declares them without importing diffusers)."""
     try:
         schedule = _schedule(args)
         common = dict(model=args.model, height=args.height, width=args.width, steps=args.steps,
@@ -80,7 +46,7 @@ def main(argv=None) -> int:
                       compare=args.compare, output_path=args.output, device=args.device, pv=args.pv,
                       negative_prompt=args.negative_prompt, progress=not args.quiet, sparse=args.sparse,
                       dense_steps=args.dense_steps or "")
-        if args.command == "video":
+        if command == "video":
             from .sage_video import generate
 
             res = generate(args.prompt, num_frames=args.frames, fps=args.fps, **common)
@@ -106,10 +72,8 @@ def main(argv=None) -> int:
     if res.compare is not None:
         c = res.compare
         sp, ps = c["speedup_per_step"], c["psnr_db_mean"]
-        interp = info.get("arch") == "interpret"
-        sp_text = ("n/a (no 8-bit calls)" if sp is None else f"{sp:.2f}x"
-                   + (" (Triton interpreter: not a speed measurement)" if interp else ""))
-        print(f"compare: per-step speed-up vs SDPA {sp_text}, mean PSNR "
+        sp_text = c["speed"] if sp is None else f"{sp:.2f}x"
+        print(f"compare: per-step speed-up vs SDPA {sp_text}; mean PSNR "
               f"{'identical' if ps is None else f'{ps:.1f} dB'}; files: "
               + ", ".join(f"{k}={v}" for k, v in res.files.items()))
     return 0

@@ -39,8 +39,8 @@ def generate(prompt: str, *, model=None, height: int | None = None, width: int |
              negative_prompt: str | None = None, progress: bool = True, pipeline=None, sparse=None,
              dense_steps: str = "") -> _run.RunResult:
     """Generate an image with 8-bit attention ("sage") or SDPA ("sdpa"). Same arguments and result as
-    `sage_video.generate` without frames; compare=True writes `<out>.sdpa`, `<out>.side_by_side`, `<out>.diff`
-    images and `<out>.json` (timings, speed-up, PSNR)."""
+    `sage_video.generate` without frames; output_path defaults to outputs/comfy_sage_image.png; compare=True writes
+    `<out>.sdpa`, `<out>.side_by_side`, `<out>.diff` images and `<out>.json` (timings, speed-up, PSNR)."""
     schedule, dev = _run.check_request(prompt, attention, pv, seed, schedule, device, sparse, dense_steps)
     dtype = torch.bfloat16
     pipe, family, label = _run.pick_pipeline(pipeline, PIPELINES, lambda: load(model, dev, dtype))
@@ -52,7 +52,7 @@ def generate(prompt: str, *, model=None, height: int | None = None, width: int |
             raise ValueError(f"{name}={v} does not fit {family}: it must be a multiple of {m}")
     if schedule is not None:
         schedule.check(num_steps=steps)
-    out_path = output_path or "comfy_sage_image.png"
+    out_path = output_path or _run.default_image_path()
     if os.path.splitext(out_path)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"output_path {out_path!r}: use a .png, .jpg or .webp file name")
     call = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,

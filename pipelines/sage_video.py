@@ -68,6 +68,7 @@ def generate(prompt: str, *, model=None, num_frames: int | None = None, height: 
     schedule: a `Schedule` (or its dict/JSON) choosing steps/blocks/kinds that run 8-bit.
     sparse, dense_steps: block-sparse self-attention, as `enable_sage` takes them ("auto", "keep=F", "ratio=F";
     steps that stay dense); the report lists each sparse site's mean density.
+    output_path: default outputs/comfy_sage_video.mp4 (.gif without imageio-ffmpeg), under the working directory.
     compare: also run SDPA with the same seed; writes `<out>.sdpa`, `<out>.side_by_side` (SDPA | sage),
     `<out>.diff` (|difference| x4) videos and `<out>.json` (timings, per-step speed-up, per-frame PSNR).
     Returns a RunResult: path, frames (uint8 [F, H, W, 3]), step_times, counters, compare...

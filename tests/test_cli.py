@@ -31,6 +31,30 @@ def test_help_lists_every_command_and_exits_0():
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
 
 
+def test_help_and_argument_errors_answer_at_once():
+    """Every command's --help (with its description) and an argument error come from argparse alone: no torch,
+    Triton or diffusers import, which took 5-10 s a call here before."""
+    import time
+
+    from comfy_sage.__main__ import COMMANDS
+
+    flat = lambda text: " ".join(text.split())  # noqa: E731  (argparse wraps the description)
+    for args, rc, wanted in [(("--help",), 0, COMMANDS["image"]), (("frobnicate",), 2, "unknown command"),
+                             (("video",), 2, "the following arguments are required: prompt"),
+                             (("video", "a fox", "--frames", "x"), 2, "invalid int value: 'x'"),
+                             (("attention", "--pv", "fp4"), 2, "invalid choice: 'fp4'")] + [
+                            ((name, "--help"), 0, what) for name, what in COMMANDS.items()]:
+        start = time.perf_counter()
+        r = cli(*args, timeout=60)
+        took = time.perf_counter() - start
+        assert r.returncode == rc and wanted in flat(r.stdout + r.stderr), (args, r.stdout, r.stderr)
+        assert took < 3, (args, took)  # 0.2-0.5 s measured on the 2-core CPU machine
+    code = ("import sys\nfrom comfy_sage.__main__ import main\ntry:\n    main(['video', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted({'torch', 'triton', 'diffusers'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
 def test_attention_runs_the_kernel_through_the_interpreter():
     r = cli("attention", "--n", "40", "--head-dim", "32")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -261,7 +261,9 @@ def test_generate_bad_sparse_arguments(wan, kwargs, exc, match):
 
 
 def test_cli_sparse(tmp_path, capsys):
-    help_text = cli._parser()._subparsers._group_actions[0].choices["video"].format_help()
+    from comfy_sage.__main__ import command_parser
+
+    help_text = command_parser("video").format_help()
     assert "--sparse auto|keep=F|ratio=F" in help_text and "int8" in help_text
     out = tmp_path / "c.gif"
     reset_counters()

@@ -70,10 +70,44 @@ def test_compare_writes_videos_and_report(wan, tmp_path):
         assert all(p is not None and p > 30 for p in rep["psnr_db_per_frame"]), rep["psnr_db_per_frame"]
     else:  # CPU fallback: exact, identical frames, no speed-up claimed
         assert rep["psnr_db_per_frame"] == [None] * 5 and rep["speedup_per_step"] is None
+        assert rep["speed"].startswith("not measured: both runs took exact SDPA")
     import imageio_ffmpeg
 
     frames = list(imageio_ffmpeg.read_frames(str(tmp_path / "cmp.side_by_side.mp4")))
     assert frames[0]["size"] == (64, 32)  # SDPA | sage, side by side
+
+
+def test_comparison_claims_a_speed_up_only_when_one_was_measured():
+    """Two runs that both took SDPA time one computation twice (the CPU demo once showed a 2x gap between them), and
+    the interpreter only emulates the kernel: the report says plainly that nothing was measured, with no figure."""
+    from comfy_sage.pipelines._run import RunResult, comparison
+
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+
+    def run(attention, counters, step_s, device="cpu"):
+        return RunResult(None, frames, [1.0] + [step_s] * 3, 4.0, counters, attention, "auto", 0, device,
+                         "bfloat16", "tiny")
+
+    rep = comparison(run("sage", {"sdpa:cpu": 8}, 0.020), run("sdpa", {}, 0.010), per_frame=True)
+    assert rep["speedup_per_step"] is None and "median_step_s" not in rep and "total_s" not in rep
+    assert rep["speed"].startswith("not measured: both runs took exact SDPA (sage run's paths: sdpa:cpu)")
+    assert rep["sage"]["median_step_s"] == 0.020  # each run's own times stay in its summary
+    rep = comparison(run("sage", {"int8-fp8pv": 8}, 0.5), run("sdpa", {}, 0.010), per_frame=True)
+    assert rep["speedup_per_step"] is None and rep["speed"].startswith("not measured: the 8-bit kernel ran through "
+                                                                      "Triton's interpreter")
+    rep = comparison(run("sage", {"int8-fp8pv": 8}, 0.005, "cuda:0"), run("sdpa", {}, 0.010, "cuda:0"),
+                     per_frame=True)
+    assert rep["speedup_per_step"] == pytest.approx(2.0) and "speed" not in rep
+    assert rep["median_step_s"] == {"sage": 0.005, "sdpa": 0.010}
+
+
+def test_default_outputs_go_to_the_outputs_folder(wan, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = sage_video.generate("a red fox", pipeline=wan, compare=True, **SMALL)
+    assert sorted(os.listdir(tmp_path)) == ["outputs"]
+    assert os.path.dirname(r.path) == "outputs" and all(os.path.dirname(f) == "outputs" for f in r.files.values())
+    r = sage_image.generate("a red fox", height=32, width=32, steps=1, progress=False)
+    assert r.path == os.path.join("outputs", "comfy_sage_image.png") and sorted(os.listdir(tmp_path)) == ["outputs"]
 
 
 def test_schedule_applied_on_right_steps_and_blocks(wan):

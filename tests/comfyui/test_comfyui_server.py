@@ -1,5 +1,6 @@
-"""A real ComfyUI server (main.py --cpu on loopback): the pack loads, its nodes are listed, an API-format prompt with
-the pack's nodes runs and its result is read from /history, and a bad schedule string is refused naming the token."""
+"""A real ComfyUI server (main.py --cpu on loopback): the pack loads, its nodes are listed, each example workflow is
+listed once in the template browser, an API-format prompt with the pack's nodes runs and its result is read from
+/history, and a bad schedule token is reported once, naming the input that holds it."""
 import json
 import time
 import urllib.error
@@ -7,6 +8,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+import conftest as C
 
 
 def get(url):
@@ -31,6 +34,15 @@ def test_pack_nodes_listed(comfy_server):
     assert info["ApplySageAttention"]["display_name"] == "Apply SageAttention"
     assert info["SageAttentionSparse"]["display_name"] == "SageAttention Sparse"
     assert "IMPORT FAILED" not in [l for l in comfy_server["log"].read_text().splitlines() if "comfy_sage" in l]
+
+
+def test_each_workflow_listed_once_as_a_template(comfy_server):
+    templates = get(comfy_server["url"] + "/workflow_templates")["comfy_sage"]
+    wanted = sorted(p.stem for p in (C.REPO / "workflows").glob("*.json"))
+    assert sorted(templates) == wanted, templates
+    name = wanted[0]
+    served = get(f"{comfy_server['url']}/api/workflow_templates/comfy_sage/{name}.json")
+    assert served == json.loads((C.REPO / "workflows" / f"{name}.json").read_text())
 
 
 def test_api_prompt_runs_and_history(comfy_server):
@@ -62,16 +74,42 @@ def test_api_prompt_runs_and_history(comfy_server):
     assert outputs["4"]["images"] and outputs["4"]["images"][0]["filename"].endswith(".png")
 
 
-def test_bad_schedule_refused_naming_token(comfy_server):
-    """Validation (VALIDATE_INPUTS) rejects the schedule node before anything runs; the error names the token."""
+def wait_for(url, pid, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+            return hist[pid]
+        time.sleep(0.5)
+    pytest.fail(f"prompt did not finish: {hist}")
+
+
+def test_bad_schedule_token_reported_once_under_its_input(comfy_server):
+    """A node with one schedule string (Sparse's dense_steps) is refused before anything runs, with one error filed
+    under that input. The step and block schedules have two strings, and ComfyUI would file a VALIDATE_INPUTS error
+    under both: theirs is the node's one error as it runs, naming the input and the token."""
+    url = comfy_server["url"]
     prompt = {
-        "1": {"class_type": "SageAttentionStepSchedule", "inputs": {"steps": "3-", "exact_steps": ""}},
+        "1": {"class_type": "SageAttentionSparse",
+              "inputs": {"mode": "manual", "level": 0.5, "dense_steps": "3-", "budget": 0.05}},  # model: missing
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    code, res = post(url + "/prompt", {"prompt": prompt})
+    assert code == 400, res
+    custom = [e for e in res["node_errors"]["1"]["errors"] if e["type"] == "custom_validation_failed"]
+    assert len(custom) == 1 and custom[0]["extra_info"]["input_name"] == "dense_steps", custom
+    assert "'3-'" in custom[0]["details"]
+
+    prompt = {
+        "1": {"class_type": "SageAttentionStepSchedule", "inputs": {"steps": "", "exact_steps": "0, a-b"}},
         "2": {"class_type": "SageAttentionBlockSchedule",
               "inputs": {"blocks": "", "exact_blocks": "", "attention": "all", "schedule": ["1", 0]}},
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
     }
-    code, res = post(comfy_server["url"] + "/prompt", {"prompt": prompt})
-    assert code == 400, res
-    errors = res["node_errors"]["1"]["errors"]
-    assert any("'3-'" in e["details"] for e in errors), errors
-    assert res["node_errors"]["1"]["class_type"] == "SageAttentionStepSchedule"
+    code, res = post(url + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    assert code == 200, res
+    status = wait_for(url, res["prompt_id"])["status"]
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert status["status_str"] == "error" and len(errors) == 1, status
+    assert errors[0]["node_id"] == "1" and errors[0]["node_type"] == "SageAttentionStepSchedule"
+    assert errors[0]["exception_message"].startswith("exact_steps: bad token 'a-b'"), errors[0]
