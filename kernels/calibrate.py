@@ -302,8 +302,11 @@ class Calibration:
     def merged(self, base: Schedule | None) -> Schedule:
         """`base` with this decision as its overrides. "exact" always applies; an 8-bit choice only where `base`
         runs 8-bit on that block and kind (calibration never turns 8-bit on where the user keeps it exact);
-        sites `base` already overrides keep the user's value; `base`'s step rules still apply to every site."""
+        sites `base` already overrides keep the user's value; `base`'s step rules still apply to every site. Where
+        `base` sets a fixed sparse level, the self-attention sites decided 8-bit run that level (a dense override
+        would otherwise hide it)."""
         base = base or Schedule()
+        level = f"sparse:{base.sparse}" if base.sparse not in ("", "auto") else None
         add = {}
         for site, val in self.schedule.overrides.items():
             if site in base.overrides:
@@ -313,7 +316,7 @@ class Calibration:
             allowed = base.attention in ("all", kind) and base.block_uses_8bit(
                 block, info.get("group"), info.get("group_index"))
             if val == "exact" or allowed:
-                add[site] = val
+                add[site] = level if level and kind == "self" and val != "exact" else val
         return base.with_overrides(add)
 
     def lines(self) -> list[str]:

@@ -241,16 +241,9 @@ class SageState:
         self.schedule = self._calibrated()
 
     def _calibrated(self) -> Schedule:
-        """The base schedule with the calibration's decision. That decision names a dense variant for every site it
-        measured, which would hide a manual sparse level (Calibrate -> Sparse): the self sites it runs 8-bit run
-        that level instead; its exact decisions stand."""
-        base = self.base_schedule
-        sched = self.calibrator.schedule(base)
-        if base.sparse in ("", "auto"):
-            return sched
-        level = f"sparse:{base.sparse}"
-        return sched.with_overrides({site: level for site, v in sched.overrides.items()
-                                     if site.endswith(":self") and v != "exact" and site not in base.overrides})
+        """The base schedule with the calibration's decision (a manual sparse level stays on the self sites it
+        runs 8-bit: `Calibration.merged`)."""
+        return self.calibrator.schedule(self.base_schedule)
 
     # ---- wrappers: per forward and per sampling run ------------------------------------------------------
     def apply_model_wrapper(self, executor, *args, **kwargs):

@@ -29,7 +29,6 @@ site ran at is recorded after every call of the site (`SageReport.densities()`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -41,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from ..kernels import fallback_reason
 from ..kernels._sparse import last_density
 from ..kernels.calibrate import DEFAULT_BUDGET, Calibrator, fingerprint
-from ..kernels.schedule import Schedule, ScheduleError, parse_sparse, sparse_variant
+from ..kernels.schedule import Schedule, ScheduleError, parse_sparse
 from .backend import (PV_BY_BACKEND, SageSDPAProcessor, backend_member, check_pv, is_sparse, kept_keys,
                       wrap_sdpa_processor)
 from . import wan_rope
@@ -386,17 +385,9 @@ def _remove_cal_hooks(state):
 
 
 def _install_decision(state):
-    """From now on: the user's schedule with the calibrated per-site overrides. With a fixed sparse level,
-    calibration decides exact or 8-bit per site, and the self-attention sites it leaves 8-bit run the level (a
-    dense override would otherwise take precedence over the schedule's level)."""
-    base = state.base_schedule or Schedule()
-    result = state.calibrator.result
-    if result is not None and base.sparse not in ("", "auto"):
-        level = sparse_variant(base.sparse)
-        ov = {site: level if site.endswith(":self") and v != "exact" else v
-              for site, v in result.schedule.overrides.items()}
-        result = dataclasses.replace(result, schedule=dataclasses.replace(result.schedule, overrides=ov))
-    sched = base if result is None else result.merged(base)
+    """From now on: the user's schedule with the calibrated per-site overrides (a fixed sparse level stays on the
+    self sites calibration leaves 8-bit: `Calibration.merged`)."""
+    sched = state.calibrator.schedule(state.base_schedule or Schedule())
     if sched != state.schedule:
         state.schedule = sched
         state.applied_for = object()

@@ -506,3 +506,14 @@ def test_comfy_fingerprint_ignores_whether_patches_are_merged():
     other = {"diffusion_model.weight": [(0.5, (torch.ones(4, 4),), 1.0, None, None)]}
     assert _runtime.weights_fingerprint(Patcher(other, {"diffusion_model.weight": Backup(original, False)}),
                                         dm) != unmerged
+
+
+def test_merged_keeps_a_fixed_sparse_level_on_self_sites_decided_8bit():
+    """A base schedule with a manual sparse level: calibration's exact decisions stand, its dense 8-bit choices on
+    self-attention sites give way to the level, cross sites and the user's own overrides keep theirs."""
+    decided = cal.Calibration(Schedule(overrides={"0:self": "fp8", "1:self": "exact", "2:cross": "fp16",
+                                                  "3:self": "fine"}))
+    base = Schedule.from_strings(sparse="keep=0.3", overrides={"3:self": "fp16"})
+    ov = decided.merged(base).overrides
+    assert ov == {"0:self": "sparse:keep=0.3", "1:self": "exact", "2:cross": "fp16", "3:self": "fp16"}
+    assert decided.merged(Schedule.from_strings(sparse="auto")).overrides["0:self"] == "fp8"
