@@ -7,7 +7,7 @@ One process, one GPU: q, k, v of 21 × 45 × 80 = 75,600 tokens, 40 heads of 128
 (`bench.inputs`). Methods: cuDNN's SDPA, our dense 8-bit path (`auto`), our
 `sparse_attention` at each `keep` level and at fixed densities (`ratio`), and comfy-kitchen's `sol_attn` (ComfyUI
 core's Model Sparse Attention) at each `tau` where it imports. Time: median of Triton's do_bench (quantization and
-block selection included). Error: relative L1 against fp32 attention on 256 evenly spaced query rows per head.
+block selection included; the selection alone too, Triton against its torch model). Error: relative L1 against fp32 attention on 256 evenly spaced query rows per head.
 Writes the JSON and, with matplotlib, a PNG (time against error, per input) beside it. `--cpu-smoke` runs a tiny shape through
 Triton's interpreter (timings meaningless): it checks the script.
 """
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..kernels import _arch, sage_attention, sparse_attention
+from ..kernels import _arch, _sparse, sage_attention, sparse_attention
 from ..kernels.calibrate import _reference, _rel_l1, sample_rows
 from .bench import inputs, local_inputs
 
 SHAPE = dict(frames=21, height=45, width=80, heads=40, D=128)  # Wan 2.1 14B at 720p, 81 frames
 SMOKE = dict(frames=2, height=4, width=8, heads=2, D=64)
-KEEPS = (0.99, 0.9, 0.8, 0.6, 0.4, 0.2)  # calibration's levels (kernels/calibrate.py), on the sparse P·V path
+KEEPS = (0.99, 0.9, 0.8, 0.6, 0.4, 0.3, 0.25, 0.2)  # calibration's levels (kernels/calibrate.py), sparse P·V path
 RATIOS = (0.5, 0.25, 0.15, 0.1)
 PVS = ("fp8", "int8", "fp16")
 TAUS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -68,6 +68,20 @@ def _ms(fn, cuda):
     return (time.perf_counter() - t0) * 1e3
 
 
+def selection_ms(q, k, cuda, levels=(("keep", 0.25), ("ratio", 0.25))):
+    """The block selection alone, as a sparse call makes it (the arch's sparse tile): the Triton pass against its
+    torch model (argsort and cumulative sums), ms each."""
+    entry = _arch.arch_of(q.device)
+    tile = entry.tiles[(_arch.head_dim_bucket(q.shape[-1]), entry.sparse_pv)]
+    out = {}
+    for mode, share in levels:
+        sp = _sparse.Sparsity(**{mode: share})
+        kw = dict(block_m=tile.block_m, block_n=tile.block_n, causal=False, scale=q.shape[-1] ** -0.5, sparsity=sp)
+        for name, fn in (("triton", _sparse.select), ("torch", _sparse._select_torch)):
+            out[f"{mode}{share}_{name}_ms"] = _ms(lambda: fn(q, k, **kw), cuda)
+    return out
+
+
 def run(shape, cuda, log=print, **levels):
     dev = "cuda" if cuda else "cpu"
     s = dict(B=1, H=shape["heads"], N=shape["frames"] * shape["height"] * shape["width"], D=shape["D"])
@@ -91,6 +105,8 @@ def run(shape, cuda, log=print, **levels):
                 r = {"error": f"{type(e).__name__}: {e}"[:300]}
             rows[name][method] = r
             log(f"{name:6s} {method:18s} {r}")
+        rows[name]["selection"] = r = selection_ms(q, k, cuda)
+        log(f"{name:6s} {'selection':18s} {r}")
         del q, k, v
     return dict(shape=s, frames=shape["frames"], height=shape["height"], width=shape["width"], results=rows)
 

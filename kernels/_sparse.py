@@ -9,18 +9,26 @@ as the dense kernel runs all of them (same quantization, same online softmax ove
 at no cost; the skipped blocks' mass is dropped from the softmax, which `keep` (and calibration, measuring the
 error on the model's own q and k) bounds.
 
-The scores are computed a few heads at a time so the selection's temporaries stay under CHUNK_BYTES.
+The pooled scores are one batched matmul, a few heads at a time so they stay under CHUNK_BYTES; the rest is one
+Triton pass per query tile (`_select_kernel`): the softmax of its scores, the threshold that keeps the wanted mass
+(found by bisection on the scores' bits, so no sort), and the kept blocks written out in order. `_select_torch` is
+the same selection in torch (argsort and cumulative sums): the model the tests hold the kernel to, and the path
+for more key blocks than one tile's registers hold (MAX_KEY_BLOCKS).
 """
 import math
 import threading
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
+from ._compat import launch_options
 from ._counters import note_density as _note_process_density
 from .schedule import parse_sparse
 
 CHUNK_BYTES = 64 << 20
+MAX_KEY_BLOCKS = 8192  # one query tile's scores in registers (8192 keys of 128: a million tokens)
 _last = threading.local()
 
 
@@ -101,6 +109,109 @@ def select(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
     counts holds how many of them need no mask (wholly inside the keys and, causal, wholly below the tile's first
     row: the kernel's unmasked loop) and how many there are. density: kept (query, key) block pairs over those
     the mask allows."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
+    if nkb > MAX_KEY_BLOCKS:
+        return _select_torch(q, k, block_m=block_m, block_n=block_n, causal=causal, scale=scale, sparsity=sparsity)
+    if not q.is_cuda:
+        from ._interpret import patch_interpreter
+
+        patch_interpreter()
+    qm = _pool(q, block_m)                                                 # [B, Hq, nqb, D]
+    km = _pool(k, block_n).repeat_interleave(Hq // Hkv, 1)                # [B, Hq, nkb, D]
+    NKB = triton.next_power_of_2(nkb)
+    rows = max(1, min(16, 4096 // NKB))
+    heads = max(1, CHUNK_BYTES // max(1, B * nqb * nkb * 8))               # scores and the chunk's full lut
+    by_ratio = sparsity.ratio is not None
+    share = sparsity.ratio if by_ratio else (sparsity.keep if sparsity.keep < 1.0 else float("inf"))
+    cnt = torch.empty((B, Hq, nqb, 2), dtype=torch.int32, device=q.device)
+    parts = []
+    for h0 in range(0, Hq, heads):
+        s = qm[:, h0:h0 + heads] @ km[:, h0:h0 + heads].transpose(-1, -2)   # [B, h, nqb, nkb], unscaled
+        h = s.shape[1]
+        lut = torch.empty_like(s, dtype=torch.int32)
+        c = cnt[:, h0:h0 + h]
+        _select_kernel[(triton.cdiv(nqb, rows), B * h)](
+            s, lut, c, h, Nq, Nk, nqb, nkb, float(scale), float(share), int(sparsity.sink),
+            s.stride(0), s.stride(1), lut.stride(0), lut.stride(1), c.stride(0), c.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, NKB=NKB, ROWS=rows, CAUSAL=bool(causal), SELF=Nq == Nk,
+            BY_RATIO=by_ratio, num_warps=4 if NKB * rows <= 2048 else 8, **launch_options())
+        del s
+        parts.append(lut[..., :max(1, int(c[..., 1].max()))])              # as wide as its most kept blocks
+    kmax = max(p.shape[-1] for p in parts)
+    lut = parts[0] if len(parts) == 1 else torch.cat(
+        [torch.nn.functional.pad(p, (0, kmax - p.shape[-1])) for p in parts], 1)
+    return (lut.contiguous().view(B * Hq, nqb, kmax), cnt.view(B * Hq, nqb, 2),
+            float(cnt[..., 1].sum()) / (_allowed_pairs(Nq, Nk, block_m, block_n, causal) * B * Hq))
+
+
+def _allowed_pairs(Nq, Nk, block_m, block_n, causal) -> int:
+    """(query tile, key block) pairs the mask allows: all, or (causal) those holding a key some row of the tile
+    sees."""
+    nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
+    if not causal:
+        return nqb * nkb
+    return sum(min(nkb, (min((i + 1) * block_m, Nq) - 1) // block_n + 1) for i in range(nqb))
+
+
+@triton.jit
+def _select_kernel(S, LUT, CNT, H, Nq, Nk, nqb, nkb, scale, share, sink, s_b, s_h, l_b, l_h, c_b, c_h,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NKB: tl.constexpr, ROWS: tl.constexpr,
+                   CAUSAL: tl.constexpr, SELF: tl.constexpr, BY_RATIO: tl.constexpr):
+    """ROWS query tiles of one (batch, head): softmax of their pooled scores S over the allowed key blocks, then
+    the blocks to keep. Ordered as _select_torch orders them (forced blocks first, then by mass), block j is kept
+    when the weight strictly before it is under the budget: the mass before it under `share` (keep), or the blocks
+    before it under ceil(share · allowed) (ratio). That holds exactly for the values at or above one threshold,
+    found by bisecting the bits of v = mass + 2·forced (non-negative floats order as their bits)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    i = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]             # query tiles [ROWS, 1]
+    j = tl.arange(0, NKB)[None, :]                                          # key blocks [1, NKB]
+    allowed = (i < nqb) & (j < nkb)
+    if CAUSAL:  # a block whose first key some row of the tile sees
+        allowed = allowed & (j * BLOCK_N <= tl.minimum((i + 1) * BLOCK_M, Nq) - 1)
+    s = tl.load(S + b.to(tl.int64) * s_b + h * s_h + i * nkb + j, mask=allowed, other=float("-inf")) * scale
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)                               # rows past the last tile
+    p = tl.where(allowed, tl.exp(s - m[:, None]), 0.0)
+    p = p / tl.maximum(tl.sum(p, 1), 1e-30)[:, None]
+    forced = j < sink
+    if SELF:  # the tile's own tokens
+        forced = forced | ((j * BLOCK_N < (i + 1) * BLOCK_M) & ((j + 1) * BLOCK_N > i * BLOCK_M))
+    forced = forced & allowed
+    v = p + 2.0 * forced.to(tl.float32)
+    if BY_RATIO:
+        w = allowed.to(tl.float32)
+        budget = tl.ceil(share * tl.sum(w, 1))
+    else:
+        w = p
+        budget = tl.zeros([ROWS], tl.float32) + share
+    # smallest t with weight(v > t) < budget: v_j is kept iff v_j >= t. 31 halvings cover [0, 4.0]'s bits.
+    lo = tl.zeros([ROWS], tl.int32)
+    hi = tl.zeros([ROWS], tl.int32) + 0x40800000
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        t = mid.to(tl.float32, bitcast=True)
+        under = tl.sum(tl.where(allowed & (v > t[:, None]), w, 0.0), 1) < budget
+        hi = tl.where(under, mid, hi)
+        lo = tl.where(under, lo, mid + 1)
+    kept = allowed & (forced | (v >= hi.to(tl.float32, bitcast=True)[:, None]))
+    k32 = kept.to(tl.int32)
+    slot = tl.cumsum(k32, 1) - 1                                            # ascending, packed
+    tl.store(LUT + b.to(tl.int64) * l_b + h * l_h + i * nkb + slot, j + 0 * slot, mask=kept)
+    limit = Nk // BLOCK_N                                                   # unmasked: blocks j < limit
+    if CAUSAL:
+        limit = tl.minimum((i * BLOCK_M) // BLOCK_N, limit)
+    unmasked, total = tl.sum(tl.where(j < limit, k32, 0), 1), tl.sum(k32, 1)
+    col = tl.arange(0, 2)[None, :]  # (unmasked, total) as one 2-wide store: Triton 3.2's interpreter corrupts
+    tl.store(CNT + b.to(tl.int64) * c_b + h * c_h + i * 2 + col,  # memory on two 1-wide ones
+             tl.where(col == 0, unmasked[:, None], total[:, None]), mask=i < nqb)
+
+
+def _select_torch(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
+    """`select` in torch: an argsort of each tile's pooled mass and its cumulative sum (the model the kernel is held
+    to); its lut is as wide as the most blocks a tile keeps."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)

@@ -50,6 +50,44 @@ def test_selection_lists_blocks_ascending_with_sinks_and_diagonal():
                     assert blocks[:unmasked] == [j for j in blocks if j < 6]
 
 
+def _kept(lut, cnt):
+    return [[tuple(lut[bh, i, :cnt[bh, i, 1]].tolist()) for i in range(cnt.shape[1])] for bh in range(cnt.shape[0])]
+
+
+@pytest.mark.parametrize("case", [
+    ((2, 4, 2, 200, 200, 64), 32, 32, False, _sparse.Sparsity(0.3, 2)),
+    ((2, 4, 2, 200, 200, 64), 32, 32, True, _sparse.Sparsity(0.3, 2)),
+    ((1, 2, 1, 80, 45, 128), 32, 32, True, _sparse.Sparsity(0.6, 0)),
+    ((1, 2, 2, 45, 300, 40), 16, 64, False, _sparse.Sparsity(0.5, 1)),
+    ((1, 2, 2, 300, 300, 64), 16, 64, True, _sparse.Sparsity(sink=0, ratio=0.3)),
+    ((1, 3, 3, "local", None, 64), 64, 16, False, _sparse.Sparsity(0.25, 1)),
+    ((1, 3, 3, "local", None, 64), 64, 16, False, _sparse.Sparsity(1.0, 1)),
+])
+def test_triton_selection_is_the_torch_model(case):
+    """The one-pass Triton selection (softmax, bisected threshold, packed lut) keeps exactly the blocks that the
+    torch model's argsort and cumulative mass keep: the same lists, counts and density (odd lengths, Nq != Nk,
+    GQA, causal, keep and ratio, a tile of its own width against long and short key blocks)."""
+    (B, Hq, Hkv, Nq, Nk, D), bm, bn, causal, sp = case
+    if Nq == "local":
+        q, k, _ = local_inputs(4, 16, 32, Hq, D, device=DEV)
+    else:
+        q, k, _ = make_qkv(B, Hq, Hkv, Nq, Nk, D, device=DEV, seed=Nq + Nk)
+    kw = dict(block_m=bm, block_n=bn, causal=causal, scale=D ** -0.5, sparsity=sp)
+    lut, cnt, density = _sparse.select(q, k, **kw)
+    lut_t, cnt_t, density_t = _sparse._select_torch(q, k, **kw)
+    assert torch.equal(cnt, cnt_t) and _kept(lut, cnt) == _kept(lut_t, cnt_t)
+    assert density == pytest.approx(density_t, rel=1e-12) and lut.shape[-1] == lut_t.shape[-1]
+
+
+def test_selection_past_the_register_limit_takes_the_torch_model(monkeypatch):
+    q, k, _ = make_qkv(1, 2, 2, 200, 200, 64, device=DEV, seed=9)
+    kw = dict(block_m=32, block_n=32, causal=False, scale=0.125, sparsity=_sparse.Sparsity(0.4))
+    ran = []
+    monkeypatch.setattr(_sparse, "MAX_KEY_BLOCKS", 6)  # 7 key blocks
+    monkeypatch.setattr(_sparse, "_select_torch", lambda *a, **kw: ran.append(1) or "torch")
+    assert _sparse.select(q, k, **kw) == "torch" and ran == [1]
+
+
 def test_local_inputs_run_sparse_within_error():
     """Space-time locality (8 frames of 8 × 16 tokens): keeping 90% of the pooled mass visits ~3/4 of the blocks
     at ~1% relative L1; keeping more costs density and buys error."""
@@ -135,8 +173,8 @@ def test_fixed_ratio_sets_the_density():
 
 @pytest.mark.skipif(DEV == "cuda", reason="the smoke runs Triton's interpreter on CPU; on a GPU the script runs whole")
 def test_sparse_benchmark_script_smoke(tmp_path):
-    """bench/sparse.py end to end on a tiny shape (its GPU run is the H200's): every method on both inputs, the
-    sparse ones with their density, JSON and PNG written."""
+    """bench/sparse.py end to end on a tiny shape (its GPU run is the H200's): every method on each input, the
+    sparse ones with their density, the selection timed alone, JSON and PNG written."""
     import importlib.util
     import json
 
@@ -147,6 +185,8 @@ def test_sparse_benchmark_script_smoke(tmp_path):
     res = json.loads(out.read_text())
     for case in ("local", "diffuse", "random"):
         rows = res["results"][case]
+        sel = rows.pop("selection")
+        assert set(sel) == {f"{m}0.25_{impl}_ms" for m in ("keep", "ratio") for impl in ("triton", "torch")}, sel
         assert set(rows) == {"sdpa", "sage_dense", "sparse_keep0.9", "sparse_ratio0.25",
                              *(f"{m}_{pv}" for m in ("sage_dense", "sparse_ratio0.25") for pv in ("fp8", "int8", "fp16"))}
         assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
