@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _arch
 from ._compat import launch_options
 from ._counters import note_density as _note_process_density
 from .schedule import parse_sparse
@@ -112,7 +113,7 @@ def select(q, k, *, block_m, block_n, causal, scale, sparsity: Sparsity):
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
-    if nkb > MAX_KEY_BLOCKS:
+    if nkb > MAX_KEY_BLOCKS or _arch.arch_of(q.device) is None:  # or no Triton here (CPU, no interpreter)
         return _select_torch(q, k, block_m=block_m, block_n=block_n, causal=causal, scale=scale, sparsity=sparsity)
     if not q.is_cuda:
         from ._interpret import patch_interpreter

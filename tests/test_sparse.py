@@ -31,7 +31,7 @@ def test_keeping_everything_is_the_dense_kernel(shape, pv):
 
 
 def test_selection_lists_blocks_ascending_with_sinks_and_diagonal():
-    q, k, _ = make_qkv(2, 4, 2, 200, 200, 64, seed=3)
+    q, k, _ = make_qkv(2, 4, 2, 200, 200, 64, device=DEV, seed=3)
     for causal in (False, True):
         lut, cnt, density = _sparse.select(q, k, block_m=32, block_n=32, causal=causal, scale=0.125,
                                            sparsity=_sparse.Sparsity(0.3, 2))
