@@ -36,7 +36,7 @@ import torch
 from . import _arch, _fallback
 from ._api import sage_attention
 from ._counters import _store as _counter_store
-from .schedule import Schedule
+from .schedule import Schedule, _parse_steps, _step_matches
 
 log = logging.getLogger("comfy_sage")
 
@@ -49,6 +49,10 @@ FORMAT = "comfy_sage.calibration/1"
 ENV_DIR = "COMFY_SAGE_CALIBRATION_DIR"
 _REF_CHUNK_ELEMS = 1 << 26  # bounds the fp32 scores (and K/V copies) of the reference: 256 MiB per chunk
 _RE_SITE = re.compile(r"^(\d+):(self|cross)$")
+# Sparse calibration measures the self-attention sites again at the first forward in each of these step ranges
+# (grammar of Schedule.steps): early, noisy steps and late ones can differ in how local attention is. The first
+# forward's levels hold for every step; a range whose sparsest level within budget differs gets its own.
+SPARSE_RANGES = ("0.5-1.0",)
 
 
 # ---- one attention call --------------------------------------------------------------------------------------
@@ -288,12 +292,21 @@ class Calibration:
 
     @classmethod
     def decide(cls, sites: dict, budget: float = DEFAULT_BUDGET, **meta) -> "Calibration":
-        overrides = {}
+        overrides, ranges = {}, {}
         for s, info in sites.items():
-            overrides[s] = choose(info["errors"], budget)
-            if overrides[s] != "exact" and info.get("sparse"):
-                overrides[s] = choose_sparse(info["sparse"], budget) or overrides[s]
-        return cls(Schedule(overrides=overrides), sites, float(budget), **meta)
+            dense = overrides[s] = choose(info["errors"], budget)
+            if dense == "exact" or not info.get("sparse"):
+                continue
+            overrides[s] = choose_sparse(info["sparse"], budget) or dense
+            for clause, levels in (info.get("sparse_ranges") or {}).items():
+                v = choose_sparse(levels, budget) or dense
+                if v != overrides[s]:
+                    ranges.setdefault(clause, {})[s] = v
+        return cls(Schedule(overrides=overrides, step_overrides=ranges), sites, float(budget), **meta)
+
+    def ranges_measured(self) -> set:
+        """The step ranges (SPARSE_RANGES) whose sparse levels were measured."""
+        return {c for info in self.sites.values() for c in (info.get("sparse_ranges") or {})}
 
     def redecide(self, budget: float) -> "Calibration":
         return Calibration.decide(self.sites, budget, fingerprint=self.fingerprint, arch=self.arch,
@@ -307,17 +320,22 @@ class Calibration:
         would otherwise hide it)."""
         base = base or Schedule()
         level = f"sparse:{base.sparse}" if base.sparse not in ("", "auto") else None
-        add = {}
-        for site, val in self.schedule.overrides.items():
-            if site in base.overrides:
-                continue
-            block, kind = _site_key(site)
-            info = self.sites.get(site, {})
-            allowed = base.attention in ("all", kind) and base.block_uses_8bit(
-                block, info.get("group"), info.get("group_index"))
-            if val == "exact" or allowed:
-                add[site] = level if level and kind == "self" and val != "exact" else val
-        return base.with_overrides(add)
+
+        def kept(overrides):
+            add = {}
+            for site, val in overrides.items():
+                if site in base.overrides:
+                    continue
+                block, kind = _site_key(site)
+                info = self.sites.get(site, {})
+                allowed = base.attention in ("all", kind) and base.block_uses_8bit(
+                    block, info.get("group"), info.get("group_index"))
+                if val == "exact" or allowed:
+                    add[site] = level if level and kind == "self" and val != "exact" else val
+            return add
+        # per step range levels only where calibration chose the levels (a fixed level holds on every step)
+        ranges = {} if level else {c: kept(ov) for c, ov in self.schedule.step_overrides.items()}
+        return base.with_overrides(kept(self.schedule.overrides), {c: ov for c, ov in ranges.items() if ov})
 
     def lines(self) -> list[str]:
         """One line per site: decision and measured errors."""
@@ -329,22 +347,32 @@ class Calibration:
             e += "".join(f", {lvl[7:]} {err:.4f} at {d:.0%}" for lvl, (err, d) in sp.items() if math.isfinite(err))
             out.append(f"{site:>10} -> {self.schedule.overrides[site]:5}  ({e})" if e else
                        f"{site:>10} -> {self.schedule.overrides[site]}")
+            for clause, levels in (self.sites.get(site, {}).get("sparse_ranges") or {}).items():
+                v = self.schedule.step_overrides.get(clause, {}).get(site, "the same")
+                e = ", ".join(f"{lvl[7:]} {err:.4f} at {d:.0%}" for lvl, (err, d) in levels.items()
+                              if math.isfinite(err))
+                out.append(f"{'':>10}    steps {clause}: {v}" + (f"  ({e})" if e else ""))
         return out
 
     def summary(self) -> str:
         ov = self.schedule.overrides
         n = {v: sum(1 for x in ov.values() if x == v) for v in ("fp8", "fp16", "int8", "fine", "exact")}
         sparse = [x for x in ov.values() if x.startswith("sparse:")]
+        ranges = "".join(f"; steps {c}: {len(o)} sites at another level" for c, o in
+                         self.schedule.step_overrides.items())
         return (f"{len(ov)} sites, budget {self.budget:g} rel L1: fp8 {n['fp8']}, fp16 {n['fp16']}, int8 {n['int8']}, "
                 f"fine {n['fine']}, " + (f"sparse {len(sparse)}, " if sparse else "") + f"exact {n['exact']}"
-                + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})" if n["exact"] else ""))
+                + (f" ({', '.join(s for s, v in ov.items() if v == 'exact')})" if n["exact"] else "") + ranges)
 
     # ---- JSON ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        sites = {s: {**{k: v for k, v in info.items() if k not in ("errors", "sparse")},
+        def levels(m):
+            return {lvl: [_num(e), d] for lvl, (e, d) in m.items()}
+        sites = {s: {**{k: v for k, v in info.items() if k not in ("errors", "sparse", "sparse_ranges")},
                      "errors": {pv: _num(e) for pv, e in info["errors"].items()},
-                     **({"sparse": {lvl: [_num(e), d] for lvl, (e, d) in info["sparse"].items()}}
-                        if info.get("sparse") else {})}
+                     **({"sparse": levels(info["sparse"])} if info.get("sparse") else {}),
+                     **({"sparse_ranges": {c: levels(m) for c, m in info["sparse_ranges"].items()}}
+                        if info.get("sparse_ranges") else {})}
                  for s, info in self.sites.items()}
         return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint, "arch": self.arch,
                 "budget": self.budget, "rows": self.rows, "seconds": round(self.seconds, 4),
@@ -360,6 +388,9 @@ class Calibration:
             sites[s] = {**info, "errors": {pv: float(e) for pv, e in (info.get("errors") or {}).items()}}
             if info.get("sparse"):
                 sites[s]["sparse"] = {lvl: (float(e), float(d)) for lvl, (e, d) in info["sparse"].items()}
+            if info.get("sparse_ranges"):
+                sites[s]["sparse_ranges"] = {c: {lvl: (float(e), float(d)) for lvl, (e, d) in m.items()}
+                                             for c, m in info["sparse_ranges"].items()}
         return cls(Schedule.from_dict(d["schedule"]), sites, float(d.get("budget", DEFAULT_BUDGET)),
                    str(d.get("fingerprint", "")), str(d.get("arch", "")), str(d.get("model", "")),
                    int(d.get("rows", DEFAULT_ROWS)), float(d.get("seconds", 0.0)))
@@ -391,7 +422,9 @@ class Calibrator:
     nothing was saved, or `recalibrate`: measure this forward); `observe(site, q, k, v, ...)` for each attention
     call of that forward (the caller runs exact attention for the output); `finish()` after it decides, saves and
     returns the `Calibration`. `schedule(base)` is what to run from then on. With `sparse`, self-attention sites
-    are also measured at `SPARSE_LEVELS` and take the sparsest within the budget (saved in their own file).
+    are also measured at `SPARSE_LEVELS` and take the sparsest within the budget (saved in their own file); then,
+    at the first forward in each of SPARSE_RANGES (`range_due(step, num_steps)`, then `start_range`, `observe` and
+    `finish` as above), their levels are measured again for those steps.
     """
 
     def __init__(self, fingerprint: str, *, model: str = "", budget: float = DEFAULT_BUDGET, pv: str = "auto",
@@ -409,6 +442,8 @@ class Calibrator:
         self._seconds = 0.0
         self._lock = threading.Lock()
         self._warned = False
+        self._range: str | None = None   # the step range being measured
+        self._ranges_tried: set = set()
 
     @property
     def pending(self) -> bool:
@@ -441,6 +476,29 @@ class Calibrator:
         self.status, self._sites, self._seconds = "measuring", {}, 0.0
         return True
 
+    def range_due(self, step: int | None, num_steps: int | None) -> str | None:
+        """The step range (SPARSE_RANGES) that the forward at this step should measure, or None: sparse
+        calibration with a decision (measured or loaded) where some self-attention site runs 8-bit, the step known,
+        and that range not measured yet."""
+        if (not self.sparse or self.result is None or self.status not in ("measured", "loaded") or step is None
+                or not num_steps or not self._range_sites()):
+            return None
+        done = self.result.ranges_measured() | self._ranges_tried
+        for clause in SPARSE_RANGES:
+            if clause not in done and _step_matches(_parse_steps(clause), int(step), int(num_steps)):
+                return clause
+        return None
+
+    def start_range(self, clause: str) -> None:
+        """The coming forward measures the sparse levels of `clause`'s steps (exact attention meanwhile)."""
+        self._range, self._prior = clause, self.status
+        self.status, self._sites, self._seconds = "measuring", {}, 0.0
+
+    def _range_sites(self) -> set:
+        """Self-attention sites the first measurement left on 8-bit, with sparse levels measured."""
+        ov = self.result.schedule.overrides
+        return {s for s, info in self.result.sites.items() if info.get("sparse") and ov.get(s) != "exact"}
+
     def _save(self):
         try:
             self.result.save(self.path)
@@ -454,6 +512,10 @@ class Calibrator:
         if self.status != "measuring":
             return
         _site_key(site)
+        if self._range is not None:
+            if site in self._range_sites():
+                self._observe_range(site, q, k, v, is_causal=is_causal, scale=scale, layout=layout)
+            return
         head_dim = q.shape[-1]
         variants = candidates(q.device, head_dim, self.pv)
         if not variants:
@@ -479,10 +541,40 @@ class Calibrator:
                 e0, d0 = info.setdefault("sparse", {}).get(lvl, (0.0, 0.0))
                 info["sparse"][lvl] = (max(e, e0), max(d, d0))
 
+    def _observe_range(self, site, q, k, v, **kw):
+        t0 = time.perf_counter()
+        try:
+            levels = sparse_errors(q, k, v, rows=self.rows, **kw)
+        except Exception as e:  # noqa: BLE001 - the first measurement's levels hold for these steps
+            log.warning("comfy_sage calibration: measuring %s at steps %s failed (%s)", site, self._range, e)
+            return
+        with self._lock:
+            self._seconds += time.perf_counter() - t0
+            mine = self._sites.setdefault(site, {})
+            for lvl, (e, d) in levels.items():
+                e0, d0 = mine.get(lvl, (0.0, 0.0))
+                mine[lvl] = (max(e, e0), max(d, d0))
+
+    def _finish_range(self) -> Calibration:
+        clause, self._range = self._range, None
+        self._ranges_tried.add(clause)
+        sites = {s: dict(info) for s, info in self.result.sites.items()}
+        for s, levels in self._sites.items():
+            sites[s]["sparse_ranges"] = {**(sites[s].get("sparse_ranges") or {}), clause: levels}
+        r = self.result
+        self.result = Calibration.decide(sites, self.budget, fingerprint=r.fingerprint, arch=r.arch, model=r.model,
+                                         rows=r.rows, seconds=r.seconds + self._seconds)
+        self.status, self.note = "measured", f"saved {self.path} (steps {clause} measured)"
+        self._save()
+        log.info("comfy_sage calibration: steps %s: %s", clause, self.result.summary())
+        return self.result
+
     def finish(self) -> Calibration | None:
         """Decide and save after the measuring forward; the result (None when no site could be measured)."""
         if self.status != "measuring":
             return self.result
+        if self._range is not None:
+            return self._finish_range()
         if not self._sites:
             self.status, self.note = "skipped", "no attention call could run the 8-bit kernel: nothing to save"
             log.info("comfy_sage calibration: %s", self.note)
@@ -496,7 +588,9 @@ class Calibrator:
 
     def abort(self) -> None:
         """The measuring forward did not complete: forget it; the next forward starts again."""
-        if self.status == "measuring":
+        if self.status == "measuring" and self._range is not None:  # the first decision stays; measure again later
+            self.status, self._range, self._sites = self._prior, None, {}
+        elif self.status == "measuring":
             self.status, self._sites = "pending", {}
 
     def schedule(self, base: Schedule | None) -> Schedule | None:

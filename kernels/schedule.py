@@ -35,7 +35,9 @@ that run dense 8-bit attention although `sparse` is set (the first, noisiest ste
 
 overrides (what calibration writes): {"<flat block>:<self|cross>": "fp8" | "fp16" | "int8" | "fine" | "exact" |
 "sparse:keep=F" | "sparse:ratio=F"}. A site with an override ignores the block and attention rules; the step rules
-still apply to it ("exact" always wins).
+still apply to it ("exact" always wins). step_overrides: {steps clause: overrides}: on the steps a clause matches,
+its sites take these values instead (calibration's per step range sparse levels, e.g. {"0.5-1.0": {"3:self":
+"sparse:keep=0.3"}}); the first matching clause wins.
 
 A step (or block) runs 8-bit when it matches `steps` (or `blocks`), or those are empty, and matches no item of
 `exact_steps` (or `exact_blocks`). Composition (`a & b`, `a.compose(b)`) runs 8-bit only where both would: rules
@@ -86,6 +88,29 @@ def _override_ok(val) -> bool:
 
 def _precision(val: str) -> int:
     return _PRECISION["sparse" if val.startswith("sparse:") else val]
+
+
+def _more_precise_overrides(a: dict, b: dict) -> dict:
+    """Site by site, the more precise of two override maps' values."""
+    out = dict(a)
+    for site, val in b.items():
+        if site not in out or _precision(val) > _precision(out[site]):
+            out[site] = val
+    return out
+
+
+def _checked_overrides(ov, field_name: str) -> dict:
+    """A site -> value map, validated (ScheduleError names a bad site or value), sites stripped and sorted."""
+    if not isinstance(ov, dict):
+        raise ScheduleError(f"{field_name}: expected a dict, got {type(ov).__name__}", token=repr(ov), field=field_name)
+    for site, val in ov.items():
+        if not isinstance(site, str) or not _RE_SITE.match(site.strip()):
+            raise ScheduleError(f"{field_name}: bad site {site!r}: use '<block>:self' or '<block>:cross'",
+                                token=str(site), field=field_name)
+        if not _override_ok(val):
+            raise ScheduleError(f"{field_name}: bad value {val!r} for site {site!r}: use fp8, fp16, int8, fine, "
+                                "exact or sparse:keep=F / sparse:ratio=F", token=str(val), field=field_name)
+    return {k.strip(): v for k, v in sorted(ov.items())}
 BLOCK_GROUPS = ("input", "middle", "output", "double", "single")
 SCHEMA = "comfy_sage.schedule/1"
 
@@ -264,6 +289,7 @@ class Schedule:
     overrides: dict = field(default_factory=dict)
     sparse: str = ""
     dense_steps: tuple[str, ...] = ()
+    step_overrides: dict = field(default_factory=dict)
     _parsed: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -290,19 +316,22 @@ class Schedule:
         if not isinstance(self.overrides, dict):
             raise ScheduleError(f"overrides: expected a dict, got {type(self.overrides).__name__}",
                                 token=repr(self.overrides), field="overrides")
-        for site, val in self.overrides.items():
-            if not isinstance(site, str) or not _RE_SITE.match(site.strip()):
-                raise ScheduleError(f"overrides: bad site {site!r}: use '<block>:self' or '<block>:cross'",
-                                    token=str(site), field="overrides")
-            if not _override_ok(val):
-                raise ScheduleError(f"overrides: bad value {val!r} for site {site!r}: use fp8, fp16, int8, fine, "
-                                    "exact or sparse:keep=F / sparse:ratio=F", token=str(val), field="overrides")
-        object.__setattr__(self, "overrides", {k.strip(): v for k, v in sorted(self.overrides.items())})
+        object.__setattr__(self, "overrides", _checked_overrides(self.overrides, "overrides"))
+        if not isinstance(self.step_overrides, dict):
+            raise ScheduleError(f"step_overrides: expected a dict, got {type(self.step_overrides).__name__}",
+                                token=repr(self.step_overrides), field="step_overrides")
+        ranges = {}
+        for clause, ov in self.step_overrides.items():
+            if not isinstance(clause, str):
+                raise ScheduleError(f"step_overrides: bad steps {clause!r}", token=repr(clause), field="step_overrides")
+            ranges[_norm(clause, "step_overrides")] = _checked_overrides(ov, "step_overrides")
+        object.__setattr__(self, "step_overrides", ranges)
         parsed = (tuple(_parse_steps(c, "steps") for c in self.steps),
                   tuple(_parse_steps(c, "exact_steps") for c in self.exact_steps),
                   tuple(_parse_blocks(c, "blocks") for c in self.blocks),
                   tuple(_parse_blocks(c, "exact_blocks") for c in self.exact_blocks),
-                  tuple(_parse_steps(c, "dense_steps") for c in self.dense_steps))
+                  tuple(_parse_steps(c, "dense_steps") for c in self.dense_steps),
+                  tuple((_parse_steps(c, "step_overrides"), ov) for c, ov in self.step_overrides.items()))
         object.__setattr__(self, "_parsed", parsed)
 
     def __hash__(self):
@@ -327,31 +356,34 @@ class Schedule:
             return self
         if not isinstance(other, Schedule):
             raise TypeError(f"can only compose with a Schedule, got {type(other).__name__}")
-        ov = dict(self.overrides)
-        for site, val in other.overrides.items():
-            cur = ov.get(site)
-            if cur is None or _precision(val) > _precision(cur):
-                ov[site] = val
+        ranges = dict(self.step_overrides)
+        for clause, o in other.step_overrides.items():
+            ranges[clause] = _more_precise_overrides(ranges.get(clause, {}), o)
         return Schedule(steps=self.steps + other.steps, blocks=self.blocks + other.blocks,
                         attention=_KIND_AND[(self.attention, other.attention)], pv=_more_precise(self.pv, other.pv),
                         exact_steps=self.exact_steps + other.exact_steps,
-                        exact_blocks=self.exact_blocks + other.exact_blocks, overrides=ov,
-                        sparse=self.sparse or other.sparse, dense_steps=self.dense_steps + other.dense_steps)
+                        exact_blocks=self.exact_blocks + other.exact_blocks,
+                        overrides=_more_precise_overrides(self.overrides, other.overrides),
+                        sparse=self.sparse or other.sparse, dense_steps=self.dense_steps + other.dense_steps,
+                        step_overrides=ranges)
 
     __and__ = compose
 
-    def with_overrides(self, overrides: dict) -> "Schedule":
-        return replace(self, overrides={**self.overrides, **overrides})
+    def with_overrides(self, overrides: dict, step_overrides: dict | None = None) -> "Schedule":
+        ranges = dict(self.step_overrides)
+        for clause, ov in (step_overrides or {}).items():
+            ranges[clause] = {**ranges.get(clause, {}), **ov}
+        return replace(self, overrides={**self.overrides, **overrides}, step_overrides=ranges)
 
     # ---- decisions ---------------------------------------------------------------------------------------
     @property
     def is_all(self) -> bool:
         """True when every step, block and kind runs 8-bit (the schedule restricts nothing)."""
         return (not self.steps and not self.blocks and not self.exact_steps and not self.exact_blocks
-                and self.attention == "all" and not self.overrides and not self.sparse)
+                and self.attention == "all" and not self.overrides and not self.sparse and not self.step_overrides)
 
     def step_uses_8bit(self, step: int | None, num_steps: int | None) -> bool:
-        steps, exact_steps, _, _, _ = self._parsed
+        steps, exact_steps = self._parsed[:2]
         if not steps and not exact_steps:
             return True
         if step is None:
@@ -362,7 +394,7 @@ class Schedule:
         return not any(_step_matches(c, step, n) for c in exact_steps)
 
     def block_uses_8bit(self, block: int | None, group: str | None = None, group_index: int | None = None) -> bool:
-        _, _, blocks, exact_blocks, _ = self._parsed
+        blocks, exact_blocks = self._parsed[2:4]
         if not all(_block_matches(c, block, group, group_index) for c in blocks):
             return False
         return not any(_block_matches(c, block, group, group_index) for c in exact_blocks)
@@ -381,8 +413,8 @@ class Schedule:
             return None
         dense = bool(self.dense_steps) and (step is None or any(
             _step_matches(c, step, int(num_steps or 0)) for c in self._parsed[4]))
-        if block is not None and self.overrides:
-            o = self.overrides.get(f"{block}:{kind}")
+        if block is not None and (self.overrides or self.step_overrides):
+            o = self.site_override(f"{block}:{kind}", step, num_steps)
             if o is not None:
                 if o == "exact":
                     return None
@@ -395,11 +427,19 @@ class Schedule:
             return f"sparse:{self.sparse}"
         return self.pv
 
+    def site_override(self, site: str, step: int | None, num_steps: int | None) -> str | None:
+        """The override of `site` at this step: the first matching step range's, else `overrides`' (or None)."""
+        if step is not None:
+            for clause, ov in self._parsed[5]:
+                if site in ov and _step_matches(clause, step, int(num_steps or 0)):
+                    return ov[site]
+        return self.overrides.get(site)
+
     def check(self, num_steps: int | None = None, num_blocks: int | None = None,
               groups: dict | None = None) -> None:
         """Raise ScheduleError for indices outside what a run has (num_steps steps, num_blocks flat blocks,
         groups = {"double": 19, "single": 38} or UNet block ids {"input": 12, ...})."""
-        steps, exact_steps, blocks, exact_blocks, dense_steps = self._parsed
+        steps, exact_steps, blocks, exact_blocks, dense_steps = self._parsed[:5]
         if num_steps is not None:
             for name, clauses in (("steps", steps), ("exact_steps", exact_steps), ("dense_steps", dense_steps)):
                 for c in clauses:
@@ -429,7 +469,7 @@ class Schedule:
                             raise _err(name, it.text, f"{it.group} block {int(it.hi)} is out of range "
                                                       f"(0..{n - 1})")
         if num_blocks is not None:
-            for site in self.overrides:
+            for site in {s for ov in (self.overrides, *self.step_overrides.values()) for s in ov}:
                 b = int(site.split(":")[0])
                 if b >= num_blocks:
                     raise ScheduleError(f"overrides: site {site!r} is out of range: this model has {num_blocks} "
@@ -449,6 +489,7 @@ class Schedule:
                                                    if self.dense_steps else ""))
         if self.overrides:
             bits.append(f"overrides={len(self.overrides)} sites")
+        bits += [f"steps {c}: {len(ov)} sites differ" for c, ov in self.step_overrides.items()]
         return ", ".join(bits)
 
     # ---- serialization -----------------------------------------------------------------------------------
@@ -456,7 +497,9 @@ class Schedule:
         return {"schema": SCHEMA, "steps": list(self.steps), "exact_steps": list(self.exact_steps),
                 "blocks": list(self.blocks), "exact_blocks": list(self.exact_blocks), "attention": self.attention,
                 "pv": self.pv, "overrides": dict(self.overrides),
-                **({"sparse": self.sparse, "dense_steps": list(self.dense_steps)} if self.sparse else {})}
+                **({"sparse": self.sparse, "dense_steps": list(self.dense_steps)} if self.sparse else {}),
+                **({"step_overrides": {c: dict(ov) for c, ov in self.step_overrides.items()}}
+                   if self.step_overrides else {})}
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -469,7 +512,7 @@ class Schedule:
         if schema != SCHEMA:
             raise ScheduleError(f"unknown schedule schema {schema!r} (expected {SCHEMA!r})", token=str(schema))
         known = {"schema", "steps", "exact_steps", "blocks", "exact_blocks", "attention", "pv", "overrides", "sparse",
-                 "dense_steps"}
+                 "dense_steps", "step_overrides"}
         for k in d:
             if k not in known:
                 raise ScheduleError(f"unknown schedule field {k!r}", token=str(k))
@@ -484,7 +527,8 @@ class Schedule:
         return cls(steps=clauses("steps"), exact_steps=clauses("exact_steps"), blocks=clauses("blocks"),
                    exact_blocks=clauses("exact_blocks"), attention=d.get("attention", "all"),
                    pv=d.get("pv", "auto"), overrides=dict(d.get("overrides", {}) or {}),
-                   sparse=str(d.get("sparse", "") or ""), dense_steps=clauses("dense_steps"))
+                   sparse=str(d.get("sparse", "") or ""), dense_steps=clauses("dense_steps"),
+                   step_overrides=dict(d.get("step_overrides", {}) or {}))
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":

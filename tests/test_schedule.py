@@ -186,3 +186,19 @@ def test_step_index_from_sigmas():
     assert step_index(20.0, sig) == (0, 5)
     assert step_index(1.0, None) == (None, None)
     assert step_index(1.0, [1.0]) == (None, None)
+
+
+def test_step_overrides_apply_on_their_steps_and_round_trip():
+    s = Schedule(overrides={"3:self": "sparse:keep=0.3", "4:self": "fp8"},
+                 step_overrides={" 0.5-1.0 ": {"3:self": "fp16"}})
+    assert s.variant(0, 10, 3) == "sparse:keep=0.3" and s.variant(5, 10, 3) == "fp16"
+    assert s.variant(9, 10, 4) == "fp8" and s.variant(None, None, 3) == "sparse:keep=0.3"
+    assert Schedule.from_json(s.to_json()) == s and not s.is_all and "steps 0.5-1.0" in s.describe()
+    both = s & Schedule(step_overrides={"0.5-1.0": {"3:self": "exact"}})
+    assert both.variant(6, 10, 3) is None and both.variant(1, 10, 3) == "sparse:keep=0.3"
+    for bad, match in (({"0.5-2.0": {"3:self": "fp8"}}, "1.5|2.0|fraction"), ({"0.5-1.0": {"x": "fp8"}}, "bad site"),
+                       ({"0.5-1.0": {"3:self": "fp9"}}, "bad value"), ({"0.5-1.0": "fp8"}, "expected a dict")):
+        with pytest.raises(ScheduleError, match=match):
+            Schedule(step_overrides=bad)
+    with pytest.raises(ScheduleError, match="out of range"):
+        Schedule(step_overrides={"0.5-1.0": {"40:self": "fp8"}}).check(num_blocks=30)

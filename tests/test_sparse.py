@@ -221,3 +221,42 @@ def test_calibrator_takes_sparse_levels_per_self_attention_site(tmp_path):
     assert again.schedule.overrides == ov
     assert not again.redecide(0.0).schedule.overrides["0:self"].startswith("sparse")  # nothing is within 0
     assert "sparse" in res.summary() and "at" in res.lines()[0]
+
+
+def test_calibrator_measures_late_steps_again(tmp_path):
+    """Per step range: after the first forward's decision, the first forward in the second half of sampling measures
+    the self-attention sites' sparse levels again; a site whose attention stops being local there runs dense on
+    those steps only, a site that measures the same keeps one level; saved, reloaded, and not measured twice."""
+    from comfy_sage.kernels import calibrate
+
+    cal = calibrate.Calibrator("e" * 20, model="toy", directory=tmp_path, sparse=True, rows=64)
+    assert cal.start(DEV) and cal.range_due(5, 10) is None  # nothing decided yet
+    local = local_inputs(4, 8, 16, 1, 64, device=DEV)
+    rand = make_qkv(1, 1, 1, 512, 512, 64, device=DEV, seed=4)
+    for site in ("0:self", "1:self", "2:cross"):
+        cal.observe(site, *local)
+    first = cal.finish().schedule.overrides
+    assert first["0:self"].startswith("sparse:") and first["1:self"] == first["0:self"]
+    assert cal.range_due(0, 10) is None and cal.range_due(4, 10) is None and cal.range_due(None, None) is None
+    assert cal.range_due(5, 10) == "0.5-1.0"
+    cal.start_range("0.5-1.0")
+    cal.observe("0:self", *rand)  # late steps: no locality left at this site
+    cal.observe("1:self", *local)
+    cal.observe("2:cross", *rand)  # never measured sparse
+    res = cal.finish()
+    late = res.schedule.step_overrides["0.5-1.0"]
+    assert set(late) == {"0:self"} and not late["0:self"].startswith("sparse"), res.lines()
+    sched = cal.schedule(None)
+    assert sched.variant(4, 10, 0) == first["0:self"] and sched.variant(5, 10, 0) == late["0:self"]
+    assert sched.variant(9, 10, 1) == first["1:self"]
+    assert cal.range_due(7, 10) is None and "steps 0.5-1.0" in "\n".join(res.lines())
+    again = calibrate.Calibrator("e" * 20, model="toy", directory=tmp_path, sparse=True, rows=64)
+    assert not again.start(DEV) and again.result.schedule == res.schedule and again.range_due(7, 10) is None
+    # an interrupted range measurement keeps the first decision and measures at the next forward of the range
+    fresh = calibrate.Calibrator("d" * 20, model="toy", directory=tmp_path, sparse=True, rows=64)
+    fresh.start(DEV)
+    fresh.observe("0:self", *local)
+    decided = fresh.finish().schedule
+    fresh.start_range(fresh.range_due(6, 10))
+    fresh.abort()
+    assert fresh.status == "measured" and fresh.schedule(None) == decided and fresh.range_due(6, 10) == "0.5-1.0"
