@@ -286,6 +286,10 @@ def _pre_hook(state):
                     "comfy_sage.pipelines.set_step(model, step, num_steps) before each step")
             step = (None, None)
         state.apply(*step)
+        clause = None if measuring or cal is None else cal.range_due(*step)
+        if clause is not None:  # sparse calibration: the first forward of a later step range measures it again
+            cal.start_range(clause)
+            measuring = True
         if measuring:
             _begin_measuring(state)
         return None

@@ -197,6 +197,32 @@ def test_auto_runs_the_saved_sparse_level(auto_run, wan):
     assert list(report.densities()) == ["blocks.0.attn1"] and report.densities()["blocks.0.attn1"] < 1.0
 
 
+def test_auto_measures_the_late_steps_again(wan, tmp_path):
+    """Per step range: with the steps known (set_step), the first forward in the second half of sampling runs
+    exactly and measures the self sites' levels again; forwards before and after it run the decision."""
+    from comfy_sage.pipelines import set_step
+
+    model, kw = wan.transformer, model_inputs()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cal, "sparse_errors", functools.partial(cal.sparse_errors, levels=(0.9, 0.2)))
+        report = enable_sage(model, sparse="auto", calibration_dir=tmp_path)[0]
+        ran = []
+        try:
+            with torch.no_grad():
+                for step in range(4):
+                    set_step(model, step, 4)
+                    reset_counters()
+                    model(**kw)
+                    ran.append(int8_calls())
+        finally:
+            disable_sage(model)
+    c = report.calibrator
+    assert ran == [0, 4, 0, 4], ran  # steps 0 and 2 measure (exact), 1 and 3 run 8-bit
+    assert c.status == "measured" and c.result.ranges_measured() == {"0.5-1.0"}
+    assert all("0.5-1.0" in c.result.sites[s]["sparse_ranges"] for s in ("0:self", "1:self"))
+    assert json.loads(c.path.read_text())["sites"]["0:self"]["sparse_ranges"]
+
+
 def test_fixed_level_with_calibration_runs_the_level_where_8bit_is_kept(wan, tmp_path):
     model, kw = wan.transformer, model_inputs()
     report = enable_sage(model, sparse="ratio=0.5", calibrate=True, calibration_dir=tmp_path)[0]
