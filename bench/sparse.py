@@ -112,7 +112,8 @@ def run(shape, cuda, log=print, **levels):
 
 
 def plot(result, path):
-    """Time against error per input (matplotlib); False where matplotlib is not installed."""
+    """Per input, time against error; and our density -> time curve against cuDNN and our dense path (matplotlib);
+    False where matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -120,8 +121,9 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(result["results"]), figsize=(6 * len(result["results"]), 4.5))
-    for ax, (name, res) in zip(axes, result["results"].items()):
+    res_all = result["results"]
+    fig, axes = plt.subplots(1, len(res_all) + 1, figsize=(6 * (len(res_all) + 1), 4.5))
+    for ax, (name, res) in zip(axes, res_all.items()):
         for family, marker in (("sdpa", "s"), ("sage_dense", "D"), ("sparse_keep", "o"), ("sparse_ratio", "^"),
                                ("sol_attn", "x")):
             pts = [(r["ms"], r["rel_l1"]) for m, r in res.items() if m.startswith(family) and "ms" in r]
@@ -133,6 +135,21 @@ def plot(result, path):
         ax.set_title(f"{name} q/k")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    ax = axes[-1]  # density -> time: what skipping blocks buys, whatever the input
+    for name, res in res_all.items():
+        pts = sorted((r["density"], r["ms"]) for m, r in res.items()
+                     if m.startswith(("sparse_keep", "sparse_ratio")) and "ms" in r and m.count("_") == 1)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"ours, {name} q/k")
+    first = next(iter(res_all.values()))
+    for m, style in (("sdpa_cudnn", "--"), ("sdpa", "--"), ("sage_dense", ":")):
+        if "ms" in first.get(m, {}):
+            ax.axhline(first[m]["ms"], linestyle=style, color="gray", label=m)
+    ax.set_xlabel("density (share of key blocks computed)")
+    ax.set_ylabel("ms per call")
+    ax.set_title("density -> time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.suptitle(f"{result['gpu']}: {result['shape']['N']:,} tokens, {result['shape']['H']} heads of "
                  f"{result['shape']['D']}")
     fig.tight_layout()
