@@ -18,7 +18,14 @@ picked from those by `model_base.BaseModel` (`comfy.ops.pick_operations`), and t
 modules ComfyUI created, so Wan's patch embedding stays in fp32 as ComfyUI creates it (its forward feeds it
 `x.float()`). Casting the whole model to fp16 afterwards is what broke the earlier version of this check.
 
-`--device cpu` runs the same path on CPU with the Triton interpreter at a tiny size (a smoke test of the script).
+`--device cpu` runs the same path on CPU with the Triton interpreter at a tiny size (a smoke test of the script;
+size flags not given take CPU_SMOKE's values there).
+
+Each sampling run's wall time is printed as it ends; `--peak-memory` (CUDA) also records each run's
+`torch.cuda.max_memory_allocated` (peak stats reset before the run; the weights resident at that moment are recorded
+beside it). The Wan-14B shape at 720p (75,600 video tokens), a few layers of it:
+
+    ... --dim 5120 --heads 40 --ffn 13824 --layers 4 --height 720 --width 1280 --steps 2 --repeats 1 --no-tiny
 """
 import argparse
 import contextlib
@@ -39,6 +46,12 @@ import torch  # noqa: E402
 import conftest as C  # noqa: E402
 
 TEXT_LEN, TEXT_DIM = 512, 4096
+# Size flags: the GPU defaults (Wan-1.3B at 480p, 81 frames) and the CPU smoke run's (the interpreter runs every
+# kernel in numpy, so a few dozen video tokens, two layers and one timed run are what stays within a minute or two).
+GPU_DEFAULTS = dict(dim=1536, heads=12, layers=30, ffn=8960, text_dim=TEXT_DIM, frames=81, height=480, width=832,
+                    steps=4, repeats=2)
+CPU_SMOKE = dict(dim=128, heads=2, layers=2, ffn=256, text_dim=64, frames=5, height=64, width=64, steps=2,
+                 repeats=1)
 
 
 def init_weights(module, seed=0, std=0.02):
@@ -99,20 +112,35 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, repeats, device, before=None):
+def timed(fn, repeats, device, label, before=None, peak=False):
     """Warm-up (Triton compile, cuDNN autotune), then the median wall time of `repeats` runs; returns the last
-    output. `before` runs ahead of every run (outside the timing)."""
-    fn()
-    ts, out = [], None
-    for _ in range(repeats):
+    output, the median, the timed runs' times and, with `peak` (CUDA), every run's memory record, warm-up first.
+    `before` runs ahead of every run (outside the timing). Each run's time is printed as it ends, so a run cut
+    short by a time limit still leaves the runs before it in the log."""
+    ts, mem, out = [], [], None
+    for i in range(repeats + 1):
         if before:
             before()
         sync(device)
+        if peak:
+            resident = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         out = fn()
         sync(device)
-        ts.append(time.perf_counter() - t0)
-    return out, statistics.median(ts), ts
+        t = time.perf_counter() - t0
+        run = "warm-up" if i == 0 else f"run {i}/{repeats}"
+        line = f"  {label} {run}: {t:.3f} s"
+        if i:
+            ts.append(t)
+        if peak:
+            p = torch.cuda.max_memory_allocated(device)
+            mem.append({"run": run, "peak_bytes": p, "resident_before_bytes": resident,
+                        "peak_gib": round(p / 2 ** 30, 3), "above_resident_gib": round((p - resident) / 2 ** 30, 3)})
+            line += f", peak {p / 2 ** 30:.2f} GiB ({(p - resident) / 2 ** 30:.2f} above the " \
+                    f"{resident / 2 ** 30:.2f} GiB resident before it)"
+        print(line, flush=True)
+    return out, statistics.median(ts), ts, mem
 
 
 @contextlib.contextmanager
@@ -136,22 +164,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, help="write the results here")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--ffn", type=int, default=8960)
-    ap.add_argument("--text-dim", type=int, default=TEXT_DIM)
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
+    for k in GPU_DEFAULTS:  # default None: filled from GPU_DEFAULTS or, with --device cpu, CPU_SMOKE
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None,
+                        help=f"default {GPU_DEFAULTS[k]} (CPU smoke run: {CPU_SMOKE[k]})")
+    ap.add_argument("--peak-memory", action="store_true",
+                    help="record torch.cuda.max_memory_allocated of every sampling run (CUDA only)")
     ap.add_argument("--pv", default="auto", choices=["auto", "fp16", "fp8"])
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="weight (and compute) dtype")
     ap.add_argument("--min-pairs", type=int, default=None,
                     help="lower sage_sdpa's short-sequence threshold for the Wan run (default: the arch table's)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny Flux / UNet runs")
     a = ap.parse_args()
+    for k, v in (CPU_SMOKE if a.device == "cpu" else GPU_DEFAULTS).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --device cpu for a smoke run)")
@@ -164,7 +192,7 @@ def main():
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)",
            "comfy_device": str(mm.get_torch_device()), "torch": torch.__version__,
-           "comfyui": _comfyui_version(), "doctor": kernels.doctor()}
+           "comfyui": _comfyui_version(), "doctor": kernels.doctor(), "args": vars(a)}
     try:
         import triton
 
@@ -186,9 +214,13 @@ def main():
     entry = arch.arch_of(dev)
     threshold = entry.sdpa_below(a.dim // a.heads, False) if entry is not None else None
     lowered = contextlib.nullcontext() if a.min_pairs is None else min_pairs_lowered(arch, a.min_pairs)
+    peak = a.peak_memory and dev.type == "cuda"
+    print(f"sampling {tokens} video tokens, {a.layers} layers, {a.steps} steps, warm-up + {a.repeats} runs each",
+          flush=True)
     with lowered:
-        ref, t_ref, ts_ref = timed(lambda: sample_wan(default, *run), a.repeats, dev)
-        out, t_sage, ts_sage = timed(lambda: sample_wan(sage, *run), a.repeats, dev, before=kernels.reset_counters)
+        ref, t_ref, ts_ref, mem_ref = timed(lambda: sample_wan(default, *run), a.repeats, dev, "default", peak=peak)
+        out, t_sage, ts_sage, mem_sage = timed(lambda: sample_wan(sage, *run), a.repeats, dev, "sage",
+                                               before=kernels.reset_counters, peak=peak)
         kernel_counts = kernels.counters()
     st, st_ref = sage.model_options["transformer_options"]["comfy_sage_state"], \
         default.model_options["transformer_options"]["comfy_sage_state"]
@@ -209,6 +241,7 @@ def main():
                       "speedup_wall": round(t_ref / t_sage, 4),
                       "default_model_time_last": round(model_time(st_ref), 4),
                       "sage_model_time_last": round(model_time(st), 4)},
+           "peak_memory": {"default": mem_ref, "sage": mem_sage} if peak else None,
            "paths_last_run": paths, "kernel_counters_last_run": kernel_counts,
            "forwards_last_run": st.run["forwards"], "eight_bit_calls": eight,
            "compare_node": metrics,
