@@ -5,6 +5,18 @@ diffusers hand them) and head dim; SDPA's default, SageAttention 2 and comfy-kit
 import (`../shared/peers/`). Our contract: at most 0.6x (kernels/_quant.py).
 
     python -m comfy_sage.bench.memory [--out bench/results]     (CUDA GPU)
+
+`--comfy`: the peak device memory (torch.cuda.max_memory_allocated, reset before the call, so q, k, v count) of one
+ComfyUI-shaped self-attention call, Wan 2.x 14B at 720p by default: q, k, v each [1, 75600, 5120] bf16 (40 heads of
+128) as core's attention functions receive them (heads=40, skip_reshape False), through (a) SDPA as core calls it on
+plain tensors (reshape to heads, F.scaled_dot_product_attention, reshape back), (b) our override on plain tensors
+(ComfyUI 0.3.6x: core's wrapper holds q, k, v), (c) our `container_function` on current core's containers, on its
+config's first call in the process (q, k, v kept until the kernel returns) and on a warm config (each released once
+quantized), for pv auto and fp16. Bytes and ratios to (a); JSON under --out. `--smoke`: the same code on CPU through
+Triton's interpreter at a tiny shape (no memory figures; checks that (b) and (c) agree).
+
+    python -m comfy_sage.bench.memory --comfy [--out bench/results] [--tokens 75600]     (CUDA GPU)
+    python -m comfy_sage.bench.memory --comfy --smoke                                    (CPU)
 """
 import argparse
 import datetime
@@ -117,10 +129,148 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+class Box:
+    """A minimal stand-in of core's AttentionTensorContainer: one owner of a tensor on its way into attention."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def peek(self):
+        return self.tensor
+
+    def take(self):
+        tensor, self.tensor = self.tensor, None
+        return tensor
+
+
+def core_sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+    """Core's attention_pytorch for these calls: [B, N, H·D] to heads, SDPA, back to [B, N, H·D]."""
+    b, dim_head = q.shape[0], q.shape[-1] // heads
+    q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+
+
+def comfy_peaks(tokens=75600, heads=40, dim_head=128, dtype=torch.bfloat16, device="cuda", pvs=("auto", "fp16")):
+    """Rows {path, pv, peak_bytes, peak_over_inputs, ratio_to_sdpa, ...} for one self-attention call of `tokens`
+    tokens (module docstring). Every path is warmed up first (compilation, SDPA's workspace), except where the row
+    measures a config's first call, which runs after `_fallback.forget()` (the kernels stay compiled). On CPU
+    (`device="cpu"`, under TRITON_INTERPRET=1) the byte counts are None."""
+    from ..kernels import _fallback
+    from ..nodes import _runtime
+
+    cuda = torch.device(device).type == "cuda"
+    shape = (1, tokens, heads * dim_head)
+    one = tokens * heads * dim_head * torch.tensor([], dtype=dtype).element_size()
+
+    def inputs():
+        g = torch.Generator(device=device).manual_seed(0)
+        return [torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3)]
+
+    def measure(call):
+        """(peak bytes, bytes allocated when it started, the output's first tokens): `call(tensors)` gets the list of
+        q, k, v, which the caller may empty."""
+        tensors = inputs()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        out = call(tensors)
+        del tensors
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        head = out[:, :64].clone()
+        del out
+        return (peak, base, head) if cuda else (None, None, head)
+
+    def plain(fn):
+        return lambda t: fn(*t)
+
+    def containers(state):
+        def call(t):
+            boxes = [Box(x) for x in t]
+            t.clear()
+            return state.container_function(*boxes, heads, transformer_options={})
+        return call
+
+    rows = []
+
+    def row(path, pv, call, warm=True, first=False):
+        if warm:
+            measure(call)
+        if first:
+            _fallback.forget()
+        peak, base, head = measure(call)
+        r = dict(path=path, pv=pv, peak_bytes=peak, inputs_bytes=base,
+                 peak_over_inputs=None if peak is None else peak - base,
+                 peak_in_one_tensor=None if peak is None else round(peak / one, 3))
+        rows.append(r)
+        print(r, flush=True)
+        return head
+
+    sdpa = row("sdpa", None, plain(lambda q, k, v: core_sdpa(q, k, v, heads)))
+    heads_out, paths = {}, {}
+    for pv in pvs:
+        state = _runtime.SageState(True, pv, None, False, {"family": None, "num_blocks": None}, label="bench")
+        heads_out[(pv, "plain")] = row("ours_plain", pv, plain(lambda q, k, v: state(core_sdpa, q, k, v, heads,
+                                                                                          transformer_options={})))
+        heads_out[(pv, "first")] = row("ours_containers_first_call", pv, containers(state), warm=False, first=True)
+        heads_out[(pv, "warm")] = row("ours_containers", pv, containers(state))
+        paths[pv] = dict(state.run["paths"])  # what ran: one 8-bit path, no fallback
+    for r in rows:
+        if cuda:
+            r["ratio_to_sdpa"] = round(r["peak_bytes"] / rows[0]["peak_bytes"], 4)
+    agree = {pv: bool(torch.equal(heads_out[(pv, "plain")], heads_out[(pv, "warm")])
+                      and torch.equal(heads_out[(pv, "plain")], heads_out[(pv, "first")])) for pv in pvs}
+    err = {pv: float((heads_out[(pv, "warm")].float() - sdpa.float()).abs().max()) for pv in pvs}
+    eight_bit = {pv: len(p) == 1 and next(iter(p)).startswith("int8-") for pv, p in paths.items()}
+    return dict(shape=dict(tokens=tokens, heads=heads, dim_head=dim_head, dtype=str(dtype).replace("torch.", ""),
+                           one_tensor_bytes=one),
+                rows=rows, paths=paths, ok=all(agree.values()) and all(eight_bit.values()), outputs_agree=agree,
+                max_abs_err_vs_sdpa_first_64_tokens=err)
+
+
+def comfy_main(args):
+    if args.smoke:
+        if not torch.cuda.is_available():
+            import sys
+
+            if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise SystemExit("--smoke on CPU needs TRITON_INTERPRET=1 before triton is imported")
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        res = comfy_peaks(tokens=args.tokens or 192, heads=2, dim_head=32, device="cpu")
+        print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+        return 0 if res["ok"] else 1
+    if not torch.cuda.is_available():
+        raise SystemExit("--comfy measures device memory: it needs a CUDA GPU (or --smoke on CPU)")
+    import triton
+
+    res = comfy_peaks(tokens=args.tokens or 75600)
+    res["env"] = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name())
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", res["env"]["gpu"]).strip("-").lower()
+    path = os.path.join(args.out, f"memory-comfy-{tag}-{datetime.date.today().isoformat()}.json")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    for r in res["rows"]:
+        print(f"{r['path']:<28} pv={str(r['pv']):<5} peak {r['peak_bytes'] / 2**30:7.3f} GiB "
+              f"({r['peak_in_one_tensor']} x one of q/k/v), {r['ratio_to_sdpa']:.3f}x SDPA")
+    print(f"paths: {res['paths']}; outputs agree: {res['outputs_agree']}; wrote {path}")
+    return 0 if res["ok"] else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comfy_sage.bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--comfy", action="store_true", help="peak memory of one ComfyUI-shaped Wan 720p self-attention "
+                    "call: SDPA, our override on plain tensors, on core's containers")
+    ap.add_argument("--tokens", type=int, default=None, help="--comfy: tokens per call (75600: Wan 720p, 81 frames)")
+    ap.add_argument("--smoke", action="store_true", help="--comfy on CPU through Triton's interpreter, tiny shape")
     args = ap.parse_args(argv)
+    if args.comfy:
+        return comfy_main(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench.memory measures device memory: it needs a CUDA GPU")
     import triton

@@ -99,41 +99,94 @@ def _forward(q, k, v, layout, is_causal, scale, pv, return_lse, tile=None, spars
     """The op's implementation: checks, then the 8-bit kernel, or exact attention where the kernel failed on this
     config (`_fallback`). `tile` overrides the arch table (benchmark sweeps only; failures then raise). `sparse`
     (a _sparse.Request, or a pv "sparse:..."): visit only the key blocks its selection keeps, and set its density."""
-    shape = B, Hq, Hkv, Nq, Nk, D = check_args(q, k, v, layout, pv, scale)
+    return _run([q, k, v], layout, is_causal, scale, pv, return_lse, tile, sparse)
+
+
+def forward_taking(qkv: list, is_causal=False, scale=None, pv="auto", return_lse=False, sparse=None):
+    """`_forward` on [q, k, v] ([B, H, N, D] each, HND) handed over in a list that holds their only references (what
+    ComfyUI core's containers give), which it empties. Where the kernel has already run this config in this process
+    (`_fallback.worked`), each 16-bit tensor is released as soon as its 8-bit copy exists (`_quant.quantize_taking`):
+    q, then k, then v where P·V is 8-bit (fp8, int8; the 16-bit P·V reads v to the end), and the output is allocated
+    after them, so that the call's peak is q+k+v and q's 8-bit copy, under SDPA's q+k+v and output. Elsewhere (the
+    config's first call, fp32 inputs) it holds them until the kernel returns, so that a failure can still fall back to
+    exact attention on them, as `_forward` does. A sparse call selects its key blocks from the 16-bit q and k first.
+    No autograd: callers use the op where gradients or torch.compile are involved (`_sdpa.sdpa_taking`)."""
+    try:
+        return _run(qkv, "HND", is_causal, scale, pv, return_lse, sparse=sparse, owned=True)
+    finally:
+        qkv.clear()
+
+
+def _path_key(config, v, pv):
+    """What a success is remembered under (`_fallback.note_worked`): the config, and on the 16-bit P·V path which of
+    the attention kernel's two compiled paths reads v (bulk copies need 16-byte aligned rows: _attention._descriptors;
+    a v strided in its last dim is copied first)."""
+    if pv in ("fp8", "int8"):
+        return config
+    if v.stride(-1) != 1:
+        return (*config, "v:copied")
+    es = v.element_size()
+    aligned = v.data_ptr() % 16 == 0 and not any(s * es % 16 for s in v.stride()[:3])
+    return (*config, "v:aligned" if aligned else "v:unaligned")
+
+
+def _run(qkv: list, layout, is_causal, scale, pv, return_lse, tile=None, sparse=None, owned=False):
+    shape = B, Hq, Hkv, Nq, Nk, D = check_args(*qkv, layout, pv, scale)
     if sparse is None and pv.startswith("sparse:"):
         from ._sparse import Request
 
         sparse, pv = Request(check_pv(pv)), "auto"
-    entry = _arch.arch_of(q.device)
+    entry = _arch.arch_of(qkv[0].device)
     if entry is None:
-        raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {q.device}); on CPU set "
+        raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {qkv[0].device}); on CPU set "
                          "TRITON_INTERPRET=1 to run the Triton kernels, or call sage_sdpa for an exact fallback")
     if pv == "auto":
         pv = entry.sparse_pv if sparse else entry.pv_for(D)
     if pv == "fp8" and not entry.fp8:
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
     # what one compilation serves: failures are remembered per config
-    config = (entry.name, str(q.dtype).replace("torch.", ""), f"D={D}", pv, "causal" if is_causal else "full",
+    config = (entry.name, str(qkv[0].dtype).replace("torch.", ""), f"D={D}", pv, "causal" if is_causal else "full",
               layout, *(("lse",) if return_lse else ()), *(("sparse",) if sparse else ()))
     if tile is not None:  # a benchmark's tile: failures raise
-        return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile, sparse)
+        return _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile, sparse)
+    failure = None
     if _fallback.failed(config) is None:
+        key = _path_key(config, qkv[2], pv)
+        release = owned and qkv[0].dtype != torch.float32 and _fallback.worked(key)
         try:
-            return _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, sparse=sparse)
+            result = _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape, sparse=sparse,
+                             release=release)
         except torch.cuda.OutOfMemoryError:
-            if _fallback.strict():
+            # After a release (q is gone) an out-of-memory error propagates, as SDPA's own would: every allocation
+            # after it (k's and v's 8-bit copies, the output) fits in less than the 16-bit tensors it freed, so live
+            # memory plus the failed request is below SDPA's q+k+v+output at every point; SDPA could not have run this
+            # call either. Before a release (q's 8-bit copy, the first allocation) exact attention is tried, as always.
+            if _fallback.strict() or any(t is None for t in qkv):
                 raise
-            count(_fallback.OUT_OF_MEMORY, "the 8-bit path's buffers did not fit; SDPA needs none")
-            return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
+            failure = _fallback.OUT_OF_MEMORY, "the 8-bit path's buffers did not fit; SDPA needs none"
         except Exception as e:  # noqa: BLE001 - compile, launch, resources, Triton API: never the user's workflow
             if _fallback.strict():
                 raise
             _fallback.record(config, e)
-    count(_fallback.KERNEL_ERROR, "the 8-bit kernel failed on this config (see the log or `doctor`)")
-    return _fallback.exact_attention(q, k, v, layout, is_causal, scale, return_lse)
+            # After a release only the quantization launches of k and v can fail here (the attention launch salvages
+            # its own failure: _salvage), and they run the binary q's launch has just run
+            if any(t is None for t in qkv):
+                raise
+            failure = _fallback.KERNEL_ERROR, "the 8-bit kernel failed on this config (see the log or `doctor`)"
+        else:
+            _fallback.note_worked(key)
+            return result
+    # Out of the except clauses, whose exception's traceback kept the failed call's buffers (its frames' locals)
+    # alive: exact attention gets that memory back.
+    count(*(failure or (_fallback.KERNEL_ERROR, "the 8-bit kernel failed on this config (see the log or `doctor`)")))
+    return _fallback.exact_attention(*qkv, layout, is_causal, scale, return_lse)
 
 
-def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile=None, sparse=None):
+def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape, tile=None, sparse=None,
+            release=False):
+    """The 8-bit path on qkv = [q, k, v] in `layout`. `release` (HND; the list holds the only references): each
+    16-bit tensor leaves the list once its 8-bit copy is queued (`_quant.quantize_taking`), and the output is
+    allocated after that; the 16-bit v stays where P·V reads it."""
     B, Hq, Hkv, Nq, Nk, D = shape
     from . import _attention, _quant  # triton is imported at first use, not with the package
 
@@ -141,24 +194,34 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
     k_token = pv in ("fine", "int8")
     tile = tile or entry.tiles[(DP, "fp16" if pv == "fine" else pv)]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    qh, kh, vh = (_to_hnd(t, layout) for t in (q, k, v))
     fp8_v, int8_v = pv == "fp8", pv == "int8"
-    if not (fp8_v or int8_v) and vh.dtype == torch.float32:
-        vh = vh.to(torch.bfloat16)  # 16-bit P·V for fp32 inputs: bf16 keeps fp32's range
+    out_shape, dtype, device = qkv[0].shape, qkv[0].dtype, qkv[0].device
+    if release:  # HND already; a last dim that is not contiguous is copied, and the copy replaces the tensor
+        hnd = qkv
+        hnd[:] = [_to_hnd(t, "HND") for t in hnd]
+    else:
+        hnd = [_to_hnd(t, layout) for t in qkv]
+    if not (fp8_v or int8_v) and hnd[2].dtype == torch.float32:  # never with release (16-bit inputs only)
+        hnd[2] = hnd[2].to(torch.bfloat16)  # 16-bit P·V for fp32 inputs: bf16 keeps fp32's range
+    # v's strides, for the kernel's arguments where v itself is gone (8-bit P·V reads the 8-bit copy)
+    v_meta = torch.empty_strided(hnd[2].shape, hnd[2].stride(), dtype=hnd[2].dtype, device="meta")
     dims = (B, Hq, Hkv, Nq, Nk, D, DP)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
-    if Nq:
-        qz = _quant.quantize(qh, kh, vh, dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n,
-                             fp8_v=fp8_v, k_token=k_token, lse=lse, int8_v=int8_v,
-                             rot=_quant.rotation_width(D) if int8_v else 1)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device) if return_lse else None
+    density = None
+    if not Nq:
+        out = torch.empty(out_shape, dtype=dtype, device=device)
+    else:
         blocks = None
-        if sparse:
+        if sparse:  # from the 16-bit q and k, before they go
             from . import _sparse
 
-            *blocks, sparse.density = _sparse.select(qh, kh, block_m=tile.block_m, block_n=tile.block_n,
-                                                     causal=is_causal, scale=scale, sparsity=sparse.sparsity)
-            _sparse.note_density(sparse.density)
+            *blocks, density = _sparse.select(hnd[0], hnd[1], block_m=tile.block_m, block_n=tile.block_n,
+                                              causal=is_causal, scale=scale, sparsity=sparse.sparsity)
+        quant = dict(dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n, fp8_v=fp8_v, k_token=k_token,
+                     lse=lse, int8_v=int8_v, rot=_quant.rotation_width(D) if int8_v else 1)
+        qz = _quant.quantize_taking(hnd, **quant) if release else _quant.quantize(*hnd, **quant)
+        out = torch.empty(out_shape, dtype=dtype, device=device)  # after the 16-bit tensors that went
+        vh = v_meta if hnd[2] is None else hnd[2]
         triton_kernel = functools.partial(
             _attention.attention, qz, vh, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
             block_n=tile.block_n, causal=is_causal, fp8_v=fp8_v, k_token=k_token, int8_v=int8_v,
@@ -166,22 +229,76 @@ def _kernel(q, k, v, layout, is_causal, scale, pv, return_lse, entry, config, sh
             num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg,
             sparse=blocks)
         ws_kernel = None if sparse else _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
-        if ws_kernel is None:
-            triton_kernel()
-        else:
-            try:
-                ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
-                                    block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
-                                    maxnreg=tile.ws.maxnreg)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work
-                if _fallback.strict():
-                    raise
-                _fallback.record(("ws", *config), e)
+        try:
+            if ws_kernel is None:
                 triton_kernel()
+            else:
+                try:
+                    ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
+                                        block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
+                                        maxnreg=tile.ws.maxnreg)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work
+                    if _fallback.strict():
+                        raise
+                    _fallback.record(("ws", *config), e)
+                    triton_kernel()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - see _salvage
+            if not release or _fallback.strict():
+                raise
+            _fallback.record(config, e)
+            failed = True
+        else:
+            failed = False
+        if failed:  # out of the except clause, so that its traceback frees the failed launch's arguments
+            count(_fallback.KERNEL_ERROR_8BIT, "the 8-bit kernel failed after q and k were released: exact "
+                  "attention on their 8-bit copies (see the log or `doctor`)")
+            _salvage(qz, hnd[2], _to_hnd(out, layout), lse, dims, tile.block_n, is_causal, fp8_v, int8_v, k_token)
+            return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
+    if sparse:
+        from . import _sparse
+
+        sparse.density = density
+        _sparse.note_density(density)
     count("int8-sparse" if sparse else "int8-fine" if pv == "fine" else f"int8-{pv}pv")
     return out, lse if lse is not None else out.new_empty(0, dtype=torch.float32)
+
+
+def _salvage(qz, v, out, lse, dims, block_n, is_causal, fp8_v, int8_v, k_token):
+    """Exact attention on the 8-bit copies of q, k (and v, where P·V is 8-bit; else the 16-bit v), written into
+    `out` ([B, Hq, Nq, D] view) and added into `lse`: what a call does whose attention launch failed after it released
+    q and k (`forward_taking`), which therefore cannot run exact attention on them. As accurate as the 8-bit kernel
+    (the same quantized inputs, exact softmax and P·V in fp32). One head of k and v at a time, so that the
+    dequantized copies stay a fraction of the 8-bit ones. qs carries the softmax scale times log2(e) (and the
+    rotation's 1/ROT, which the rotated q·k needs): scores in log2 units, softmax at scale ln(2). K's smoothing
+    shifts each row's scores by one amount, which softmax ignores and the quantization already put into `lse`."""
+    B, Hq, Hkv, Nq, Nk, D, DP = dims
+    g = Hq // Hkv
+    n = torch.arange(Nk, device=out.device)
+    slot = (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)  # _quant.v_slot: where key n sits in v8
+    dtype = torch.float32  # the scaled 8-bit values exactly, at any range (SDPA's memory-efficient kernel on GPUs)
+    for b in range(B):
+        for hk in range(Hkv):
+            hs = slice(hk * g, (hk + 1) * g)
+            q = (qz.q8[b, hs, :Nq, :D].float() * qz.qs[b, hs, :Nq, None]).to(dtype)
+            ks = qz.ks[b, hk, :Nk] if k_token else qz.ks[b, hk, n // block_n, (n % 8) // 2]
+            k = (qz.k8[b, hk, :Nk, :D].float() * ks[:, None]).to(dtype)
+            if fp8_v:
+                vv = (qz.v8[b, hk][:, slot].float().T * qz.vs[b, hk, :D]).to(dtype)
+            elif int8_v:
+                vv = (qz.v8[b, hk][:, slot].float().T * qz.vs[b, hk, n // block_n].float()).to(dtype)
+            else:
+                vv = v[b, hk].to(dtype)
+            k, vv = k[None].expand(g, Nk, D), vv[None].expand(g, Nk, D)
+            if lse is None:
+                o = _fallback.exact_sdpa(q, k, vv, is_causal=is_causal, scale=math.log(2.0))
+            else:
+                o, part = _fallback.exact_with_lse(q[None], k[None], vv[None], None, is_causal, math.log(2.0))
+                o, lse[b, hs] = o[0], lse[b, hs] + part[0]
+            out[b, hs] = o.to(out.dtype)
 
 
 def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, scale: float,

@@ -7,6 +7,10 @@ of kernel failures.
 * A failure inside the 8-bit path (compile, launch, resources, a Triton API an old release lacks) is recorded per
   config (`failed`, `record`): the call and every later call of that config run exact attention instead of paying
   for the failure again, the first one is logged with the exception text, and `doctor` lists them all.
+* Success is recorded too (`worked`, `note_worked`), per config and kernel path: a call that hands its only
+  references to q, k, v over (ComfyUI core's containers, `_api.forward_taking`) lets each 16-bit tensor go as soon
+  as its 8-bit copy exists only where the kernel already ran in this process, because a failure after that point
+  can no longer fall back to exact attention on them.
 * `COMFY_SAGE_STRICT=1` raises instead (the test suite sets it, so a broken kernel fails its tests rather than
   passing on the fallback's exact output).
 """
@@ -24,11 +28,15 @@ log = logging.getLogger("comfy_sage")
 STRICT_ENV = "COMFY_SAGE_STRICT"
 # counter paths of calls that meant to run 8-bit and ran exact SDPA instead
 KERNEL_ERROR, OUT_OF_MEMORY = "sdpa:kernel_error", "sdpa:out_of_memory"
+# a kernel failure after q and k were released: exact attention on their 8-bit copies (_api._salvage)
+KERNEL_ERROR_8BIT = "sdpa:kernel_error_8bit_inputs"
 
 # One store per process, as the counters' (the pack can be imported under two module names at once).
 _store = sys.modules.setdefault("_comfy_sage_fallback", types.ModuleType("_comfy_sage_fallback"))
 if not hasattr(_store, "sdpa"):
     _store.sdpa, _store.lock, _store.failures = F.scaled_dot_product_attention, threading.Lock(), {}
+if not hasattr(_store, "worked"):
+    _store.worked = set()
 exact_sdpa = _store.sdpa
 
 # Bounds the fp32 scores of the exact-with-LSE path: query chunks of at most this many score elements.
@@ -58,6 +66,17 @@ def record(config: tuple, exc: BaseException) -> str:
     return text
 
 
+def worked(key: tuple) -> bool:
+    """Whether the kernel has run `key` (a config and the kernel path it took) in this process."""
+    return key in _store.worked
+
+
+def note_worked(key: tuple) -> None:
+    if key not in _store.worked:
+        with _store.lock:
+            _store.worked.add(key)
+
+
 def failures() -> dict[str, str]:
     """{config description: exception text} of every failure recorded in this process."""
     with _store.lock:
@@ -65,9 +84,11 @@ def failures() -> dict[str, str]:
 
 
 def forget() -> None:
-    """Clear the record (tests; a user who fixed their install may also call it instead of restarting)."""
+    """Clear the record, of failures and of successes (tests; a user who fixed their install may also call it instead
+    of restarting)."""
     with _store.lock:
         _store.failures.clear()
+        _store.worked.clear()
 
 
 def describe(config: tuple) -> str:

@@ -19,6 +19,9 @@
   arithmetic, since (qH)·(kH) = ROT·q·k, it spreads a channel that carries a large offset over the block, so
   no one channel sets a token's scale).
 
+Where q, k, v are handed over (`quantize_taking`), the same kernel runs once per tensor instead, so that each 16-bit
+tensor can be freed as soon as its own launch is queued.
+
 Outputs are padded to whole blocks along tokens (pad rows written as zeros, so the attention kernel loads without
 masks), not along the head dim. Extra memory: 0.5x q+k+v for the 8-bit copies plus 4 bytes per q row (and per k
 row with per-token scales), and on the INT8 path 4 bytes per key block and channel: within 0.6x from head dim 16
@@ -174,17 +177,19 @@ def _quant_v(V, V8, VS, VC, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
     tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + v_slot(rows)[:, None], x8, mask=d[None, :] < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROLE0"])
 def _quant_kernel(Q, K, V, Q8, QS, LSE, K8, KS, KM, V8, VS, VC,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                  Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult,
+                  Hq, Hkv, BHq, BHkv, Nq, Nk, Nq_pad, Nk_pad, q_mult, ROLE0,
                   D: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE_N: tl.constexpr, QUANT_V: tl.constexpr,
                   K_TOKEN: tl.constexpr, Q_DOT_KMEAN: tl.constexpr, V_INT8: tl.constexpr, ROT: tl.constexpr):
-    # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return.
+    # One launch for all three tensors: axis 2 picks q, k or v; programs past a tensor's extent return. ROLE0 (a
+    # runtime argument, not specialized: every launch runs one compiled kernel) offsets axis 2, so that a launch of
+    # one tensor alone (`quantize_taking`) runs the same binary as the launch of all three.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    role = tl.program_id(2)
+    role = tl.program_id(2) + ROLE0
     if role == 0:
         if (pid * BLOCK_Q < Nq_pad) & (bh < BHq):
             h = bh % Hq
@@ -257,46 +262,97 @@ def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: 
     """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP).
     `lse` ([B, Hq, Nq] fp32, the call's LSE output): receives scale · q·kmean per query row, the part of the LSE
     that K's smoothing takes out; the attention kernel adds the rest. `int8_v`: v as INT8 per key block and
-    channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width."""
+    channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width. One launch."""
+    return _quantize([q, k, v], False, dims=dims, scale=scale, block_m=block_m, block_n=block_n, fp8_v=fp8_v,
+                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot)
+
+
+def quantize_taking(qkv: list, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
+                    k_token: bool = False, lse: torch.Tensor | None = None, int8_v: bool = False,
+                    rot: int = 1) -> Quantized:
+    """`quantize` of [q, k, v] handed over in a list that holds their only references (ComfyUI core's containers):
+    q, k and v are quantized by separate launches of the same compiled kernel, in that order, and each leaves the
+    list (qkv[i] = None) as soon as its launch is queued, before the next one's buffers are allocated, so those reuse
+    its memory. v leaves only where it is quantized (fp8_v, int8_v): the 16-bit P·V reads it. Freeing a tensor that
+    a queued launch still reads is safe: PyTorch's caching allocator is stream-ordered, and the next use of that
+    memory comes after the launch on the stream. Peak: q+k+v and q's 8-bit copy, 3.5 times one 16-bit tensor of q's
+    size where SDPA holds q+k+v and its output, 4 times. The same results as `quantize`, bit for bit (each program
+    computes the same values in either launch), from the binary that call compiled (`ROLE0`)."""
+    return _quantize(qkv, True, dims=dims, scale=scale, block_m=block_m, block_n=block_n, fp8_v=fp8_v,
+                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot)
+
+
+def _quantize(src: list, split: bool, *, dims, scale, block_m, block_n, fp8_v, k_token, lse, int8_v, rot):
+    # Holds no tensor of `src` in a local: with `split`, src[i] = None must free it.
     B, Hq, Hkv, Nq, Nk, D, DP = dims
-    if not q.is_cuda:  # Triton's interpreter: every launch starts here, so its fixes go in here (_interpret.py)
+    dev = src[0].device
+    if dev.type != "cuda":  # Triton's interpreter: every launch starts here, so its fixes go in here (_interpret.py)
         from ._interpret import patch_interpreter
 
         patch_interpreter()
     DS = row_bytes(D)
     Nq_pad, Nk_pad = _ceil(Nq, block_m), _ceil(Nk, block_n)
-    dev = q.device
+    quant_v = fp8_v or int8_v
+    strides = [s for t in src for s in t.stride()[:3]]
     q8 = torch.empty((B, Hq, Nq_pad, DS), dtype=torch.int8, device=dev)
     qs = torch.empty((B, Hq, Nq_pad), dtype=torch.float32, device=dev)
-    k8 = torch.empty((B, Hkv, Nk_pad, DS), dtype=torch.int8, device=dev)
-    ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
-                     device=dev)
-    kmean = torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev)
-    vc = None
-    if int8_v:
-        v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.int8, device=dev)
-        vs = torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.bfloat16, device=dev)
-        vc = torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.int16, device=dev)
-    elif fp8_v:
-        v8 = torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev)
-        # max |v| per channel in our own pass: torch's reductions over the token axis allocated 4x v's bytes
-        amax = torch.zeros((B, Hkv, DP), dtype=torch.float32, device=dev)
-        blk = max(16, 4096 // DP)
-        _v_amax_kernel[(triton.cdiv(Nk, blk * V_AMAX_BLOCKS), B * Hkv)](
-            v, amax, v.stride(0), v.stride(1), v.stride(2), Hkv, Nk, D=D, DP=DP, BLOCK_K=blk, BLOCKS=V_AMAX_BLOCKS,
-            num_warps=4, **launch_options())
-        vs = torch.where(amax > 0, amax / FP8_MAX, 1.0)
-    else:
-        v8 = vs = None
-    quant_v = fp8_v or int8_v
-    grid = (max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if quant_v else 2)
-    _quant_kernel[grid](
-        q, k, v, q8, qs, qs if lse is None else lse, k8, ks, kmean, v8 if quant_v else k8, vs if quant_v else ks,
-        ks if vc is None else vc,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E,
-        D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=quant_v, K_TOKEN=k_token,
-        Q_DOT_KMEAN=lse is not None, V_INT8=int8_v, ROT=rot, num_warps=quant_warps(DP), **launch_options(),
-    )
+
+    def launch(grid, role0, Q, K, V, K8, KS, KM, V8, VS, VC):
+        _quant_kernel[grid](
+            Q, K, V, q8, qs, qs if lse is None else lse, K8, KS, KM, V8, VS, VC, *strides,
+            Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E, role0,
+            D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=quant_v, K_TOKEN=k_token,
+            Q_DOT_KMEAN=lse is not None, V_INT8=int8_v, ROT=rot, num_warps=quant_warps(DP), **launch_options(),
+        )
+
+    def k_buffers():
+        ks = torch.empty((B, Hkv, Nk_pad) if k_token else (B, Hkv, Nk_pad // block_n, 4), dtype=torch.float32,
+                         device=dev)
+        return (torch.empty((B, Hkv, Nk_pad, DS), dtype=torch.int8, device=dev), ks,
+                torch.empty((B, Hkv, DP), dtype=torch.float32, device=dev))
+
+    def v_buffers(v):
+        if int8_v:
+            return (torch.empty((B, Hkv, D, Nk_pad), dtype=torch.int8, device=dev),
+                    torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.bfloat16, device=dev),
+                    torch.empty((B, Hkv, Nk_pad // block_n, D), dtype=torch.int16, device=dev))
+        if fp8_v:
+            # max |v| per channel in our own pass: torch's reductions over the token axis allocated 4x v's bytes
+            amax = torch.zeros((B, Hkv, DP), dtype=torch.float32, device=dev)
+            blk = max(16, 4096 // DP)
+            _v_amax_kernel[(triton.cdiv(Nk, blk * V_AMAX_BLOCKS), B * Hkv)](
+                v, amax, v.stride(0), v.stride(1), v.stride(2), Hkv, Nk, D=D, DP=DP, BLOCK_K=blk,
+                BLOCKS=V_AMAX_BLOCKS, num_warps=4, **launch_options())
+            return (torch.empty((B, Hkv, D, Nk_pad), dtype=torch.float8_e4m3fn, device=dev),
+                    torch.where(amax > 0, amax / FP8_MAX, 1.0), None)
+        return None, None, None
+
+    if not split:
+        k8, ks, kmean = k_buffers()
+        v8, vs, vc = v_buffers(src[2])
+        launch((max(Nq_pad // block_m, Nk_pad // block_n), B * max(Hq, Hkv), 3 if quant_v else 2), 0,
+               src[0], src[1], src[2], k8, ks, kmean, v8 if quant_v else k8, vs if quant_v else ks,
+               ks if vc is None else vc)
+        return Quantized(q8, qs, k8, ks, kmean, v8, vs, vc)
+    # Buffers not allocated yet are stood in for by small tensors of the dtypes the one-launch call passes (no launch
+    # reads them), so that every launch has the signature that call compiled: pointer dtypes and alignment, and the
+    # same integers (strides).
+    def stand_in(dtype):
+        return torch.empty(64, dtype=dtype, device=dev)
+
+    f32 = stand_in(torch.float32)
+    v8_ = stand_in(torch.float8_e4m3fn if fp8_v else torch.int8)
+    vs_, vc_ = (stand_in(torch.bfloat16), stand_in(torch.int16)) if int8_v else (f32, f32)
+    launch((Nq_pad // block_m, B * Hq, 1), 0, src[0], src[1], src[2], stand_in(torch.int8), f32, f32, v8_, vs_, vc_)
+    src[0] = None
+    k8, ks, kmean = k_buffers()
+    launch((Nk_pad // block_n, B * Hkv, 1), 1, src[1], src[1], src[2], k8, ks, kmean, v8_, vs_ if quant_v else ks,
+           vc_ if int8_v else ks)
+    src[1] = None
+    v8 = vs = vc = None
+    if quant_v:
+        v8, vs, vc = v_buffers(src[2])
+        launch((Nk_pad // block_n, B * Hkv, 1), 2, src[2], src[2], src[2], k8, ks, kmean, v8, vs,
+               ks if vc is None else vc)
+        src[2] = None
     return Quantized(q8, qs, k8, ks, kmean, v8, vs, vc)

@@ -3,7 +3,7 @@ faster, and SDPA itself (exactly) everywhere else, counting why."""
 import torch
 
 from . import _arch
-from ._api import MAX_HEAD_DIM, _op
+from ._api import MAX_HEAD_DIM, _op, forward_taking
 from ._counters import count
 from ._fallback import exact_sdpa
 
@@ -73,3 +73,17 @@ def sage_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
     return exact_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                       **kwargs)
+
+
+def sdpa_taking(qkv: list, is_causal=False, scale=None, enable_gqa=False, *, pv="auto"):
+    """`sage_sdpa` on [query, key, value] handed over in a list that holds their only references (ComfyUI core's
+    attention containers), which it empties. Where the 8-bit kernel runs, each 16-bit tensor is released as soon as
+    its 8-bit copy exists, on a config the kernel has already run in this process (`_api.forward_taking`); exact
+    calls, gradients and torch.compile take `sage_sdpa`'s path, which holds them until it returns."""
+    why = fallback_reason(*qkv, None, 0.0, scale, enable_gqa, is_causal)
+    if why is not None or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in qkv)):
+        query, key, value = qkv
+        qkv.clear()
+        return sage_sdpa(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, pv=pv)
+    return forward_taking(qkv, bool(is_causal), scale, pv)[0]

@@ -58,6 +58,7 @@ import torch
 from ..kernels import _sparse
 from ..kernels import counters as kernel_counters
 from ..kernels import fallback_reason, sage_sdpa
+from ..kernels._sdpa import sdpa_taking
 from ..kernels.calibrate import Calibrator, fingerprint
 from ..kernels.schedule import ALL, Schedule, step_index
 
@@ -153,15 +154,18 @@ class SageState:
     def container_function(self, *args, **kwargs):
         """The override as current core calls it when q, k, v come in AttentionTensorContainers (there is no `func`:
         core's wrapper passes only the call's arguments). The decision reads the tensors in place (`peek`). An 8-bit
-        call takes them out, so that our call holds their only references, and they are freed as soon as the kernel
-        returns, before the output is reshaped. `sage_sdpa` quantizes inside one call and holds its inputs until
-        it returns: each 16-bit tensor lives through the kernel, not past it. An exact call hands the containers on
-        untouched (`_exact_containers`), so the next function may release them its own way."""
+        call takes them out, so that our call holds their only references, and hands that ownership to the kernel
+        (`kernels._sdpa.sdpa_taking`): on a config it has already run in this process, each 16-bit tensor is freed as
+        soon as its 8-bit copy exists (q, then k, then v where P·V is 8-bit; the 16-bit P·V reads v to the end), so
+        that the call's peak stays under SDPA's q+k+v+output; on a config's first call they are kept until the kernel
+        returns, so that a failure can still fall back to exact attention on them. Either way they are gone before
+        the output is reshaped. An exact call hands the containers on untouched (`_exact_containers`), so the next
+        function may release them its own way."""
         variant, site = self._decide(*(c.peek() for c in args[:3]), args, kwargs)
         if variant is None:
             self.record(*site)
             return self._exact_containers(args, kwargs)
-        return self._attend(variant, site, [c.take() for c in args[:3]], args, kwargs)
+        return self._attend(variant, site, [c.take() for c in args[:3]], args, kwargs, owned=True)
 
     def _decide(self, q, k, v, args, kwargs):
         """(variant, site) of one call: the 8-bit variant it runs, or None when it runs exactly; site is what
@@ -186,14 +190,15 @@ class SageState:
             return None, (why, step, block, kind)
         return variant, (step, block, kind)
 
-    def _attend(self, variant, site, qkv: list, args, kwargs):
-        """Run the kernel on `qkv` ([q, k, v], emptied on the way in) and record which path ran."""
+    def _attend(self, variant, site, qkv: list, args, kwargs, owned=False):
+        """Run the kernel on `qkv` ([q, k, v], emptied on the way in; owned: its only references, taken out of core's
+        containers) and record which path ran."""
         sparse = variant.startswith("sparse:")
         if sparse:
             _sparse.last_density()  # forget an earlier call's: a call that falls back to SDPA sets none
         before = kernel_counters()
         out = _sage_hnd(qkv, _arg(args, kwargs, 3, "heads"), bool(kwargs.get("skip_reshape", False)), variant,
-                        bool(kwargs.get("enable_gqa", False)), kwargs.get("scale"))
+                        bool(kwargs.get("enable_gqa", False)), kwargs.get("scale"), owned)
         after = kernel_counters()
         ran = [p for p in after if after[p] != before.get(p, 0)]
         self.record(ran[0] if len(ran) == 1 else f"8bit:{variant}", *site,
@@ -336,11 +341,16 @@ def _to_hnd(q, k, v, heads, skip_reshape):
     return tuple(t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
 
 
-def _sage_hnd(qkv: list, heads, skip_reshape, pv, enable_gqa, scale=None):
-    """`sage_sdpa` on q, k, v taken out of `qkv`: where the caller handed over their only references (core's
-    containers), the 16-bit tensors are freed when this returns. scale: current core's attention functions take one
-    (None: 1/sqrt(head dim))."""
-    qh, kh, vh = _to_hnd(*qkv, heads, skip_reshape)
+def _sage_hnd(qkv: list, heads, skip_reshape, pv, enable_gqa, scale=None, owned=False):
+    """`sage_sdpa` on q, k, v taken out of `qkv` (emptied). owned: the list holds their only references (core's
+    containers): `sdpa_taking` then releases each 16-bit tensor as soon as its 8-bit copy exists, where this config
+    already ran in this process, else when the kernel returns. Otherwise (plain tensors, which the caller holds) the
+    kernel gets them as `sage_sdpa` arguments. scale: current core's attention functions take one (None: 1/sqrt(head
+    dim))."""
+    qkv[:] = _to_hnd(*qkv, heads, skip_reshape)  # views replace the tensors: the list still holds the only references
+    if owned:
+        return sdpa_taking(qkv, scale=scale, enable_gqa=enable_gqa, pv=pv)
+    qh, kh, vh = qkv
     qkv.clear()
     return sage_sdpa(qh, kh, vh, scale=scale, enable_gqa=enable_gqa, pv=pv)
 

@@ -468,3 +468,197 @@ def test_registered_when_the_pack_loads_inside_comfyui():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "['comfy_sage'] True ['comfy.ldm.modules.attention']"
+
+
+# ---- releasing the 16-bit q, k, v once quantized (issue 16) -------------------------------------------------------
+from comfy_sage.kernels import _api, _attention, _fallback, _quant  # noqa: E402
+from comfy_sage.kernels import _sparse as sparse_kernels  # noqa: E402
+from comfy_sage.kernels._sdpa import sdpa_taking  # noqa: E402
+
+
+@pytest.fixture
+def fresh():
+    """No config has run yet in this process (and none failed), before and after the test."""
+    _fallback.forget()
+    yield
+    _fallback.forget()
+
+
+@pytest.fixture
+def at_attention(monkeypatch):
+    """(watch, seen, fail): at each launch of the attention kernel, whether each watched tensor was already freed;
+    `fail` (a list, empty: run) holds an exception the launch raises instead."""
+    watch, seen, fail = [], [], []
+    launch = _attention.attention
+
+    def spy(*args, **kwargs):
+        seen.append([r() is None for r in watch])
+        if fail:  # a new exception each time: one kept in `fail` would keep its traceback's frames
+            raise type(fail[0])(*fail[0].args)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(_attention, "attention", spy)
+    return watch, seen, fail
+
+
+@pytest.mark.parametrize("layout", ["bld", "bhld"])
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
+def test_a_known_good_config_frees_q_and_k_before_the_attention_launch(core, fresh, at_attention, layout, pv):
+    """The first call of a config keeps q, k, v until the kernel returns; from the next one on, q and k are gone when
+    attention starts, and v too where P·V is 8-bit (fp16 P·V reads it). Same output either way, and as with plain
+    tensors (ComfyUI 0.3.6x), which the override never releases."""
+    watch, seen, _ = at_attention
+    m = apply(Patcher(), pv=pv)
+    first = site_call(core, m, layout, watch=watch)[0]
+    second, refs, boxes = site_call(core, m, layout, watch=watch)
+    assert seen == [[False, False, False], [True, True, pv != "fp16"]]
+    assert all(r() is None for r in refs) and all(b.tensor is None for b in boxes)
+    assert torch.equal(first, second) and torch.equal(second, plain_call(m, layout))
+    assert dict(_runtime.state_of(m).run["paths"]) == {f"int8-{pv}pv": 3}
+
+
+def test_plain_tensor_calls_never_release_what_the_caller_holds(core, fresh, at_attention):
+    """ComfyUI 0.3.6x: core's wrapper holds q, k, v; on a known-good config they stay alive and untouched."""
+    watch, seen, _ = at_attention
+    m = apply(Patcher(), pv="fp8")
+    site_call(core, m, "bld")  # the config has run
+    old = make_core(containers=False)
+    tensors = qkv("bld")
+    copies = [t.clone() for t in tensors]
+    watch[:] = [weakref.ref(t) for t in tensors]
+    out = old.optimized_attention(*tensors, HEADS, transformer_options=m.model_options["transformer_options"])
+    assert seen[-1] == [False, False, False]
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies))
+    assert torch.equal(out, site_call(core, m, "bld")[0])
+
+
+def test_a_first_call_keeps_the_tensors_so_a_kernel_failure_falls_back_exactly(core, fresh, at_attention,
+                                                                               monkeypatch):
+    monkeypatch.setenv("COMFY_SAGE_STRICT", "0")
+    watch, seen, fail = at_attention
+    fail.append(RuntimeError("broken launch"))
+    m = apply(Patcher(), pv="fp8")
+    out, refs, boxes = site_call(core, m, "bld", watch=watch)
+    assert seen == [[False, False, False]] and all(r() is None for r in refs)
+    assert (out.float() - exact(*qkv("bld"), HEADS).float()).abs().max() < 2e-3  # SDPA in fp16
+    assert dict(_runtime.state_of(m).run["paths"]) == {"sdpa:kernel_error": 1}
+    assert _fallback.failures()  # remembered: later calls of the config run exact attention from the start
+
+
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
+def test_a_failure_after_the_release_runs_exact_attention_on_the_8bit_copies(core, fresh, at_attention, monkeypatch,
+                                                                             pv):
+    """A config that ran before and fails now (a new compilation of its kernel, say): q and k are gone, so exact
+    attention runs on their 8-bit copies (and v's), as accurate as the kernel, instead of failing the workflow."""
+    monkeypatch.setenv("COMFY_SAGE_STRICT", "0")
+    watch, seen, fail = at_attention
+    m = apply(Patcher(), pv=pv)
+    good = site_call(core, m, "bld", watch=watch)[0]
+    fail.append(RuntimeError("broken launch"))
+    out = site_call(core, m, "bld", watch=watch)[0]
+    assert seen[1] == [True, True, pv != "fp16"]
+    assert (out.float() - good.float()).abs().max() < 0.02
+    assert (out.float() - exact(*qkv("bld"), HEADS).float()).abs().max() < 0.05
+    assert dict(_runtime.state_of(m).run["paths"]) == {f"int8-{pv}pv": 1, _fallback.KERNEL_ERROR_8BIT: 1}
+    site_call(core, m, "bld")  # remembered: the config now runs exact attention from the start
+    assert _runtime.state_of(m).run["paths"][_fallback.KERNEL_ERROR] == 1
+
+
+@pytest.mark.parametrize("pv", ["fp16", "fine", "fp8", "int8"])
+def test_salvage_matches_the_kernel_with_lse_gqa_and_causal(fresh, monkeypatch, pv):
+    """The exact attention on 8-bit copies (`_api._salvage`) against the kernel itself: outputs and LSE, with grouped
+    heads, causal masking and several key blocks (per-block and per-token K scales, FP8 and INT8 v)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    ref, ref_lse = _fallback.exact_with_lse(q, k, v, None, True, None)
+    good, good_lse = _api.forward_taking([q.clone(), k.clone(), v.clone()], True, None, pv, return_lse=True)
+    monkeypatch.setenv("COMFY_SAGE_STRICT", "0")
+    monkeypatch.setattr(_attention, "attention", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
+    out, lse = _api.forward_taking([q, k, v], True, None, pv, return_lse=True)
+    err, good_err = ((x.float() - ref.float()).abs().max() for x in (out, good))
+    lse_err, good_lse_err = ((x - ref_lse).abs().max() for x in (lse, good_lse))
+    assert err <= good_err + 0.004 and (out.float() - good.float()).abs().max() < 0.03  # as accurate as the kernel
+    assert lse_err <= good_lse_err + 1e-3 and (lse - good_lse).abs().max() < 0.03
+
+
+def test_out_of_memory(core, fresh, at_attention, monkeypatch):
+    """On a first call, exact attention runs once the 8-bit buffers are freed (the exception's traceback held them
+    in the except clause). After a release the error propagates, as SDPA's would: it needed more than we held."""
+    monkeypatch.setenv("COMFY_SAGE_STRICT", "0")
+    watch, seen, fail = at_attention
+    buffers, freed = [], []
+    quantize, fallback = _quant.quantize, _fallback.exact_attention
+
+    def quantized(*args, **kwargs):
+        qz = quantize(*args, **kwargs)
+        buffers[:] = [weakref.ref(qz.q8), weakref.ref(qz.k8)]
+        return qz
+
+    def exact_attention(*args, **kwargs):
+        freed.append([r() is None for r in buffers])
+        return fallback(*args, **kwargs)
+
+    monkeypatch.setattr(_quant, "quantize", quantized)
+    monkeypatch.setattr(_fallback, "exact_attention", exact_attention)
+    fail.append(torch.cuda.OutOfMemoryError("no room"))
+    m = apply(Patcher(), pv="fp8")
+    out = site_call(core, m, "bld")[0]
+    assert freed == [[True, True]] and (out.float() - exact(*qkv("bld"), HEADS).float()).abs().max() < 2e-3
+    assert not _fallback.failures()  # not remembered: the next call tries the kernel again
+    fail.clear()
+    site_call(core, m, "bld")  # the config runs
+    fail.append(torch.cuda.OutOfMemoryError("no room"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        site_call(core, m, "bld")
+    assert dict(_runtime.state_of(m).run["paths"]) == {"sdpa:out_of_memory": 1, "int8-fp8pv": 1}
+
+
+def test_a_sparse_call_selects_from_16bit_q_and_k_before_they_go(fresh, at_attention, monkeypatch):
+    watch, seen, _ = at_attention
+    at_select, select = [], sparse_kernels.select
+
+    def spy(q, k, **kwargs):
+        at_select.append([r() is None for r in watch])
+        return select(q, k, **kwargs)
+
+    monkeypatch.setattr(sparse_kernels, "select", spy)
+    outs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(5)
+        tensors = [torch.randn(1, 2, 128, 32, generator=g).to(torch.float16) for _ in range(3)]
+        watch[:] = [weakref.ref(t) for t in tensors]
+        outs.append(sdpa_taking(tensors, pv="sparse:ratio=0.5"))
+        assert tensors == []
+    assert at_select == [[False, False, False]] * 2
+    assert seen == [[False, False, False], [True, True, False]]  # sparse calls take the arch's 16-bit P·V path here
+    assert torch.equal(*outs) and sparse_kernels.last_density() == 0.5
+
+
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
+def test_quantize_taking_matches_quantize_and_empties_the_list(pv):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    dims = (1, 4, 2, 80, 80, 32, 32)
+    kw = dict(dims=dims, scale=0.2, block_m=32, block_n=32, fp8_v=pv == "fp8", int8_v=pv == "int8",
+              k_token=pv == "int8", rot=_quant.rotation_width(32) if pv == "int8" else 1)
+    lse_a, lse_b = torch.zeros(1, 4, 80), torch.zeros(1, 4, 80)
+    a = _quant.quantize(q, k, v, lse=lse_a, **kw)
+    src = [q.clone(), k.clone(), v.clone()]
+    b = _quant.quantize_taking(src, lse=lse_b, **kw)
+    assert src[:2] == [None, None] and (src[2] is None) == (pv != "fp16")
+    for name in ("q8", "qs", "k8", "ks", "kmean", "v8", "vs", "vc"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                                                        y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y)
+    assert torch.equal(lse_a, lse_b)
+
+
+def test_memory_bench_comfy_mode_runs_on_cpu(fresh, monkeypatch):
+    """`python -m comfy_sage.bench.memory --comfy` on a tiny shape through the interpreter (no byte counts on CPU):
+    every path runs, the containers' first and warm calls give the plain-tensor output, all 8-bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from comfy_sage.bench.memory import comfy_peaks
+
+    res = comfy_peaks(tokens=64, heads=2, dim_head=32, device="cpu", pvs=("fp16",))
+    assert res["ok"] and res["paths"] == {"fp16": {"int8-fp16pv": 5}}
+    assert [r["path"] for r in res["rows"]] == ["sdpa", "ours_plain", "ours_containers_first_call", "ours_containers"]
