@@ -9,15 +9,16 @@ tensor descriptors where the tile says tma and the launch can take them, else th
 tile's pointer_maxnreg (bench/sass.py launch_path(): a Triton without tensor descriptors, before 3.4, or int8 rows
 that are not 16-byte multiples, _quant.row_bytes); the quantization kernel with that tile's blocks (fp8_v for fp8,
 k_token for fine), with and without the LSE's q·kmean; a bf16 call with the LSE at head dim 128 (both kernels, each
-P·V); the rope kernel (kernels/_rope.py) at head dims 128 (fp16, bf16) and 80 (bf16); on Triton 3.6 also the
-warp-specialized Gluon kernel where the sm90 table names one (it imports only there). Each is compiled for the
-arch's own target with Triton's bundled ptxas and read back with cuobjdump (bench/sass.py, one code path for
-Triton 3.2 to 3.9). An arch the bundled ptxas cannot target is skipped and named in the report (sm120 before
-Triton 3.3: ptxas 12.4). Reports registers, stack (local memory: spills) and shared memory per config, fails a
-config that does not compile, whose shared memory exceeds the arch's per-block opt-in limit or whose registers
-exceed 255, and writes bench/results/arch-check-triton-<version>.json. Shared memory is the cubin's static shared
-(1 KB on sm90 and sm120) plus the dynamic shared Triton's metadata asks for: Triton's launcher grants dynamic
-shared up to the opt-in limit less the static part, so the sum is what must fit.
+P·V); the rope kernel (kernels/_rope.py) at head dims 128 (fp16, bf16) and 80 (bf16); the sparse selection kernel
+(kernels/_sparse.py _select_kernel) with the blocks of the arch's sparse tile at head dim 128, for 64, 1024 and 8192
+key blocks (SELECT_*); on Triton 3.6 also the warp-specialized Gluon kernel where the sm90 table names one (it
+imports only there). Each is compiled for the arch's own target with Triton's bundled ptxas and read back with
+cuobjdump (bench/sass.py, one code path for Triton 3.2 to 3.9). An arch the bundled ptxas cannot target is skipped
+and named in the report (sm120 before Triton 3.3: ptxas 12.4). Reports registers, stack (local memory: spills) and
+shared memory per config, fails a config that does not compile, whose shared memory exceeds the arch's per-block
+opt-in limit or whose registers exceed 255, and writes bench/results/arch-check-triton-<version>.json. Shared memory
+is the cubin's static shared (1 KB on sm90 and sm120) plus the dynamic shared Triton's metadata asks for: Triton's
+launcher grants dynamic shared up to the opt-in limit less the static part, so the sum is what must fit.
 
 Compiled with the launcher's specialization of the calls the pack's integrations make (bench/sass.py _divisible:
 pointers, padded token counts and the token strides of head-split [B, N, H·D] inputs divisible by 16, strides that
@@ -45,6 +46,16 @@ SPARSE_DIMS = (64, 128)  # the block-sparse kernel (_sparse.py): video models' h
 BF16_DIM = 128  # the bf16 call (with the LSE): fp16 and bf16 differ in the loads, casts and the 16-bit P·V MMA
 # the rope kernel: Wan's head dim 128, and 80, whose rows of 40 words give head strides not divisible by 16
 ROPE = ((128, "fp16"), (128, "bf16"), (80, "bf16"))
+# the sparse selection kernel (_sparse._select_kernel): the blocks of each arch's sparse tile at this head dim (its
+# sparse_pv entry); key blocks 64 (16 query tiles a program, 4 warps), 1024 (4 tiles, 8 warps) and 8192, the most
+# it takes (_sparse.MAX_KEY_BLOCKS: one tile of 8192 scores, 8 warps, 32 a thread); self-attention full and causal,
+# and cross-attention (Nq != Nk: no diagonal blocks forced); the ratio mode (a block count as budget instead of the
+# mass) only at 8192 full self-attention, where registers are tightest. The sink is 1, what every call passes, and
+# H (heads a launch covers) 1 where the shape makes it so (select_heads): the constexprs Triton's launcher makes of 1s
+SELECT_DIM = 128
+SELECT_KEY_BLOCKS = (64, 1024, 8192)
+SELECT_CASES = ((False, True, False), (True, True, False), (False, False, False))  # (causal, self, by_ratio)
+SELECT_RATIO = (8192, (False, True, True))
 # Largest shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): the SM's shared
 # capacity less the 1 KB reserved for the system (CUDA programming guide, compute capabilities; CUTLASS's
 # SMEM_CAPACITY_MAP carries the same numbers).
@@ -130,13 +141,35 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                     out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant, dtype="bf16", lse=True)]
         out += [dict(arch=name, cap=cap, head_dim=D, bucket=D, kernel="rope", dtype=dt, num_warps=4)
                 for D, dt in ROPE if D in dims]
+        if SELECT_DIM in dims:
+            tile = entry.tiles[(arch_table.head_dim_bucket(SELECT_DIM), entry.sparse_pv)]
+            for nkb, (causal, self_attn, by_ratio) in [(n, c) for n in SELECT_KEY_BLOCKS for c in SELECT_CASES] + [
+                    SELECT_RATIO]:
+                nkb_p, rows, warps = sass.select_launch(nkb)
+                out.append(dict(arch=name, cap=cap, head_dim=SELECT_DIM, bucket=SELECT_DIM, kernel="select",
+                                sparse_pv=entry.sparse_pv, block_m=tile.block_m, block_n=tile.block_n, nkb=nkb_p,
+                                rows=rows, num_warps=warps, causal=causal, self_attn=self_attn, by_ratio=by_ratio,
+                                sink=1, heads=select_heads(nkb, tile, self_attn)))
     return out
+
+
+def select_heads(nkb, tile, self_attn):
+    """H of _sparse.select's launch where a shape fixes it: 1 where a chunk of scores (_sparse.CHUNK_BYTES) holds one
+    head even at batch 1, as self-attention at nkb key blocks does (query tiles of tile.block_m over the same
+    tokens); else None (any count). At 8192 key blocks that is every self-attention launch from 4097 blocks up."""
+    if not self_attn:
+        return None
+    nqb = -(-nkb * tile.block_n // tile.block_m)
+    return 1 if _sass().kernel_module("_sparse").CHUNK_BYTES // (nqb * nkb * 8) <= 1 else None
 
 
 def label(c):
     s = f"{c['kernel']} {c['arch']} hd{c['head_dim']}"
     if c["kernel"] == "rope":
         return f"{s} {c['dtype']}"
+    if c["kernel"] == "select":
+        return (f"select {c['arch']} nkb{c['nkb']} {'causal' if c['causal'] else 'full'} "
+                f"{'self' if c['self_attn'] else 'cross'}" + " ratio" * c["by_ratio"])
     s += f" {c['pv']}"
     if c["kernel"] != "quant":
         s += " causal" if c["causal"] else " full"
@@ -150,6 +183,9 @@ def label(c):
 def tile_text(c):
     if c["kernel"] == "rope":
         return f"({c['num_warps']} warps)"
+    if c["kernel"] == "select":  # the sparse tile's blocks at head dim SELECT_DIM
+        return (f"({c['block_m']},{c['block_n']}) rows {c['rows']}, {c['num_warps']} warps"
+                + " H=1" * (c.get("heads") == 1))
     if c["kernel"] == "quant":
         return f"({c['block_m']},{c['block_n']},{c['num_warps']})"
     if c["kernel"] == "attn_ws":
@@ -184,6 +220,10 @@ def compile_one(c):
         elif c["kernel"] == "rope":
             k = sass.compile_rope(sass.kernel_module("_rope")._rotate_kernel, arch=c["cap"], D=c["head_dim"],
                                   dtype=c["dtype"])
+        elif c["kernel"] == "select":
+            k = sass.compile_select(sass.kernel_module("_sparse")._select_kernel, arch=c["cap"], block_m=c["block_m"],
+                                    block_n=c["block_n"], nkb=c["nkb"], causal=c["causal"], self_attn=c["self_attn"],
+                                    by_ratio=c["by_ratio"], sink=c.get("sink", 1), heads=c.get("heads"))
         else:
             ws = sass.kernel_module("_attention_ws")
             k = sass.compile_ws(ws._attn_ws_kernel, D=c["head_dim"], block_m=c["block_m"], block_n=c["block_n"],
@@ -260,9 +300,14 @@ def quick(c):
     """The subset the CPU test compiles by default (about a quarter of the compile time): causal attention at
     QUICK_DIMS (every table key once: the same tile and shared buffers as full attention, plus the diagonal's
     masks), the bf16 call, the quantization kernel at head dim 256 only (its largest; at most 17 KB of shared
-    memory and 128 registers anywhere), the rope kernel and the Gluon kernel."""
+    memory and 128 registers anywhere), the rope kernel, the Gluon kernel, and the sparse selection kernel at 8192
+    key blocks (every case: one tile of 8192 scores, the most registers) and at 64 (full self-attention: 16 tiles a
+    program on 4 warps)."""
     if c["kernel"] in ("attn_ws", "rope") or c.get("dtype") == "bf16":
         return True
+    if c["kernel"] == "select":
+        return c["nkb"] == max(SELECT_KEY_BLOCKS) or (c["nkb"] == min(SELECT_KEY_BLOCKS) and not c["causal"]
+                                                       and c["self_attn"] and not c["by_ratio"])
     if c["kernel"] == "attn":
         return c["causal"] and c["head_dim"] in QUICK_DIMS
     return c["head_dim"] == 256

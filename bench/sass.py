@@ -4,10 +4,10 @@
 [--causal] [--pointer] [--dump FILE]`: registers, stack (spills), shared memory and the opcodes of the key-block
 loops (instructions per thread per block). Needs only the `triton` package, the version the GPU runs (3.6 on the
 lent machine: its bundled ptxas and cuobjdump); it loads kernels/_attention.py alone, so no torch either (the
-quantization and rope kernels' modules import torch). bench/NOTES.md quotes these counts. The helpers here are
-also what bench/arch_check.py compiles every table entry with, on any Triton from 3.2 to 3.9 (_compile: both
-ASTSource APIs). Kernels compile with the divisibility a launch gives its pointers, padded sizes and strides
-(_divisible); the counts in NOTES.md were taken without it (today's sm90 hd128 FP8 kernel on 3.6: 519 loop
+quantization, rope and sparse selection kernels' modules import torch). bench/NOTES.md quotes these counts. The
+helpers here are also what bench/arch_check.py compiles every table entry with, on any Triton from 3.2 to 3.9
+(_compile: both ASTSource APIs). Kernels compile with the divisibility a launch gives its pointers, padded sizes and
+strides (_divisible); the counts in NOTES.md were taken without it (today's sm90 hd128 FP8 kernel on 3.6: 519 loop
 instructions and 32 B of stack without, 508 and none with).
 """
 import argparse
@@ -162,6 +162,29 @@ def compile_rope(fn, *, arch, D, dtype):
                  HALF_P=triton.next_power_of_2(D // 2), BLOCK_T=rope.BLOCK_T)
     divisible = {"sxb", "sxn"} | ({"sxh", "scb"} if (D // 2) % 16 == 0 else set())
     return _compile(fn, arch, types_, const, _options(4), divisible=divisible)
+
+
+def select_launch(nkb):
+    """(NKB, ROWS, num_warps) of _sparse.select's launch of _select_kernel for `nkb` key blocks (at most
+    _sparse.MAX_KEY_BLOCKS; more go to _select_torch): the key blocks padded to a power of two, as many query tiles
+    a program (up to 16) as keep NKB·ROWS within 4096 scores, at least one; 8 warps above 2048 scores."""
+    NKB = triton.next_power_of_2(nkb)
+    rows = max(1, min(16, 4096 // NKB))
+    return NKB, rows, 4 if NKB * rows <= 2048 else 8
+
+
+def compile_select(fn, *, arch, block_m, block_n, nkb, causal, self_attn, by_ratio, sink=1, heads=None):
+    """_sparse._select_kernel as _sparse.select launches it for `nkb` key blocks of block_n keys and query tiles of
+    block_m rows (select_launch: NKB, ROWS, num_warps; Triton's default stages, no register cap): fp32 pooled scores,
+    the int32 lut and counts; scale and share as fp32. Only the pointers are divisible by 16: the strides (multiples
+    of nqb·nkb and of 2·nqb) and the token and block counts are as a shape gives them (the general case). `sink`
+    (Sparsity's default 1, the only one callers pass) and `heads` (H, the heads of one chunk of scores: None for any
+    count) compile as the constexpr Triton's launcher makes of an integer argument equal to 1."""
+    NKB, rows, warps = select_launch(nkb)
+    types_ = {"S": "*fp32", "LUT": "*i32", "CNT": "*i32", "scale": "fp32", "share": "fp32"}
+    const = dict(BLOCK_M=block_m, BLOCK_N=block_n, NKB=NKB, ROWS=rows, CAUSAL=causal, SELF=self_attn,
+                 BY_RATIO=by_ratio, **{name: 1 for name, n in (("sink", sink), ("H", heads)) if n == 1})
+    return _compile(fn, arch, types_, const, _options(warps))
 
 
 def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False):

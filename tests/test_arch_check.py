@@ -3,11 +3,13 @@ Triton's bundled ptxas, as a launch on the installed Triton runs it; shared memo
 opt-in limit and registers within 255.
 
 By default the check's `quick` subset; COMFY_SAGE_ARCH_CHECK=full compiles every config. Costs with a cold Triton
-cache on two cores (CPU-seconds: the compiles' own cost; wall times on a shared machine, other jobs running):
-quick, Triton 3.9: 132 compiles, 313 CPU-s, 2 min 53 s; Triton 3.2: 102 compiles (no sm120, no Gluon), 359 CPU-s,
-6 min 40 s. Full, Triton 3.9: 509 compiles, 1376 CPU-s, 12 min 48 s; Triton 3.2: 392 compiles, 1223 CPU-s, 26 min
-35 s (contended). Since then pv="int8" and the sparse kernel added 210 compiles to the full check (719 on 3.9). Runs in a subprocess: tests/conftest.py sets TRITON_INTERPRET=1, under which Triton's
-decorators make interpreter functions that do not compile.
+cache on two cores (CPU-seconds: the compiles' own cost; wall times on a shared machine, other jobs running): quick,
+Triton 3.9: 132 compiles, 313 CPU-s, 2 min 53 s; Triton 3.2: 102 compiles (no sm120, no Gluon), 359 CPU-s, 6 min
+40 s. Full, Triton 3.9: 509 compiles, 1376 CPU-s, 12 min 48 s; Triton 3.2: 392 compiles, 1223 CPU-s, 26 min 35 s
+(contended). Since then pv="int8" and the sparse kernel added 210 compiles to the full check (719 on 3.9), and the
+sparse selection kernel 50 more (10 an arch, 1-4 CPU-s each; 25 of them in quick: 212 on 3.9). Runs in a subprocess:
+tests/conftest.py sets TRITON_INTERPRET=1, under which Triton's decorators make interpreter functions that do not
+compile.
 
 Which Tritons the spill assertions hold on: the compile limits (shared memory, 255 registers) are asserted on every
 Triton, as they decide whether a launch works at all. Spills only cost speed, and the tiles were chosen and
@@ -16,7 +18,8 @@ table's comments rest on are asserted there only. Triton 3.2 is another compiler
 tile takes the pointer path, and every attention config with fp16 or FP8 P·V spills (72-1424 B a thread in
 bench/results/arch-check-triton-3.2.0.json, against at most 256 B anywhere on 3.9). There the test bounds the worst
 stack by SPILL_CAP_3_2, which catches a kernel change making 3.2 much worse without claiming 3.2 runs the tuned
-kernels as measured. (Triton 3.3, also without tensor descriptors, is not measured.)"""
+kernels as measured. (Triton 3.3, also without tensor descriptors, is not measured.) The sparse selection kernel
+holds no spill on every Triton but the ones SELECT_SPILLS names."""
 import json
 import os
 import subprocess
@@ -92,6 +95,70 @@ def test_every_table_key_compiled(report):
         (a, d, dt) for a in archs for d, dt in arch_check.ROPE}
     if arch_check.ws_supported():
         assert [r for r in rep["configs"] if r["kernel"] == "attn_ws"]
+
+
+def test_select_configs_follow_the_sparse_launch(report):
+    """The sparse selection kernel on every arch: with the blocks of the arch's sparse tile (its sparse_pv entry at
+    head dim SELECT_DIM, as _api._kernel passes them to _sparse.select), at the most key blocks the kernel takes
+    (_sparse.MAX_KEY_BLOCKS: one tile of 8192 scores a program) in every case, and at the fewest."""
+    rep, _ = report
+    table = sass.kernel_module("_arch").ARCHES
+    assert max(arch_check.SELECT_KEY_BLOCKS) == sass.kernel_module("_sparse").MAX_KEY_BLOCKS
+    rows = [r for r in rep["configs"] if r["kernel"] == "select"]
+    archs = [a for a in arch_check.ARCHS if a not in rep["skipped"]]
+    assert {r["arch"] for r in rows} == set(archs)
+    for r in rows:
+        tile = table[r["arch"]].tiles[(sass.head_dim_bucket(arch_check.SELECT_DIM), table[r["arch"]].sparse_pv)]
+        assert (r["block_m"], r["block_n"]) == (tile.block_m, tile.block_n), arch_check.label(r)
+        assert (r["nkb"], r["rows"], r["num_warps"]) == sass.select_launch(r["nkb"]), arch_check.label(r)
+    cases = set(arch_check.SELECT_CASES) | {arch_check.SELECT_RATIO[1]}
+    for a in archs:
+        assert {(r["causal"], r["self_attn"], r["by_ratio"]) for r in rows
+                if r["arch"] == a and r["nkb"] == max(arch_check.SELECT_KEY_BLOCKS)} == cases, a
+        assert min(arch_check.SELECT_KEY_BLOCKS) in {r["nkb"] for r in rows if r["arch"] == a}, a
+    if FULL:
+        assert len(rows) == len(archs) * (len(arch_check.SELECT_KEY_BLOCKS) * len(arch_check.SELECT_CASES) + 1)
+
+
+def test_select_launch_mirrors_sparse_select(monkeypatch):
+    """bench/sass.py select_launch() and compile_select's argument types against what _sparse.select really
+    launches: NKB, ROWS (the grid's first axis), num_warps, CAUSAL/SELF/BY_RATIO, fp32 scores and int32 lut and
+    counts, scale and share as floats, up to _sparse.MAX_KEY_BLOCKS key blocks (of 16 keys here); the sink (1) and,
+    where arch_check.select_heads says so, the chunk's head count H as the 1s the check compiles as constexprs (the
+    chunk made smaller so that H=1 is met at these sizes; CPU tensors take the kernel's path, as under the
+    interpreter)."""
+    sp = sass.kernel_module("_sparse")
+    monkeypatch.setattr(sp, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(sp._arch, "arch_of", lambda device: sp._arch.ARCHES["interpret"])
+    launched, one_head = [], 0
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, args, kw))
+
+    monkeypatch.setattr(sp, "_select_kernel", Kernel())
+    bm, bn = 1024, 16  # few query tiles: the scores of 8192 key blocks stay small
+    for nkb in (1, 3, 64, 100, 256, 257, 1024, 3000, sp.MAX_KEY_BLOCKS):
+        for causal, self_attn, by_ratio in arch_check.SELECT_CASES + (arch_check.SELECT_RATIO[1],):
+            nq = nkb * bn if self_attn else 5 * bm
+            q, k = torch.zeros(1, 2, nq, 8), torch.zeros(1, 2, nkb * bn, 8)
+            sparsity = sp.Sparsity(ratio=0.5) if by_ratio else sp.Sparsity(keep=0.9)
+            sp.select(q, k, block_m=bm, block_n=bn, causal=causal, scale=0.1, sparsity=sparsity)
+            grid, args, kw = launched.pop()
+            NKB, rows, warps = sass.select_launch(nkb)
+            assert (kw["NKB"], kw["ROWS"], kw["num_warps"]) == (NKB, rows, warps), nkb
+            nqb = -(-nq // bm)
+            assert grid[0] == -(-nqb // rows)
+            assert (kw["CAUSAL"], kw["SELF"], kw["BY_RATIO"]) == (causal, self_attn, by_ratio)
+            assert (kw["BLOCK_M"], kw["BLOCK_N"]) == (bm, bn)
+            assert [a.dtype for a in args[:3]] == [torch.float32, torch.int32, torch.int32]
+            assert [type(a) for a in args[8:11]] == [float, float, int]  # scale, share (fp32), sink
+            assert all(type(a) is int for a in args[3:8] + args[11:])
+            assert args[10] == 1  # sink
+            if arch_check.select_heads(nkb, types.SimpleNamespace(block_m=bm, block_n=bn), self_attn) == 1:
+                assert args[3] == 1, (nkb, causal, self_attn)  # H
+                one_head += 1
+    assert one_head
 
 
 def test_launch_path_mirrors_attention_launch(monkeypatch):
@@ -187,6 +254,22 @@ SPILL_CAP_3_2 = 2048
 def test_spills_bounded_without_descriptors(report):
     rep, _ = report
     assert max(r["stack"] for r in rep["configs"]) <= SPILL_CAP_3_2, _spills(rep["configs"])
+
+
+# Spills of the sparse selection kernel per Triton (major.minor): label -> bytes a thread. Triton 3.6's ptxas keeps
+# cross-attention at 64 key blocks (16 query tiles, 4 warps) on sm86/sm89 to 64 registers and spills 8 B (3.9: 72
+# registers and 3.2: 80, no spill; bench/results has no report of it yet).
+SELECT_SPILLS = {"3.6": {"select sm86 nkb64 full cross": 8, "select sm89 nkb64 full cross": 8}}
+
+
+def test_select_never_spills(report):
+    """The sparse selection kernel (one program's ROWS x NKB scores in registers, 32 a thread at 8192 key blocks on
+    8 warps) on every Triton: no spill but those SELECT_SPILLS names, at most as large."""
+    rep, _ = report
+    rows = [r for r in rep["configs"] if r["kernel"] == "select"]
+    known = SELECT_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
+    assert rows
+    assert all(stack <= known.get(name, 0) for name, stack in _spills(rows)), _spills(rows)
 
 
 @pytest.mark.skipif(not _int8_tiles_checked(), reason="int8 tiles chosen from Triton 3.9's compiles")
