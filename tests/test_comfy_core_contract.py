@@ -20,6 +20,8 @@ import torch
 from comfy_sage.nodes import _runtime
 from comfy_sage.nodes.sage_nodes import ApplySageAttention, SageAttentionReport
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels through TRITON_INTERPRET=1
+
 HEADS = 2
 
 
@@ -240,7 +242,7 @@ def qkv(layout, seed=0, dtype=torch.float16):
         shapes = [(1, 32, HEADS * 32), (1, 48, HEADS * 32), (1, 48, HEADS * 32)]
     else:                # skip_reshape: [B, H, N, D]
         shapes = [(1, HEADS, 32, 32)] * 3
-    return [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+    return [torch.randn(*s, generator=g).to(DEV, dtype) for s in shapes]
 
 
 LAYOUT_KW = {"bld": {}, "bhld": {"skip_reshape": True, "skip_output_reshape": True}}
@@ -569,7 +571,7 @@ def test_salvage_matches_the_kernel_with_lse_gqa_and_causal(fresh, monkeypatch, 
     """The exact attention on 8-bit copies (`_api._salvage`) against the kernel itself: outputs and LSE, with grouped
     heads, causal masking and several key blocks (per-block and per-token K scales, FP8 and INT8 v)."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(DEV, torch.bfloat16) for h in (4, 2, 2))
     ref, ref_lse = _fallback.exact_with_lse(q, k, v, None, True, None)
     good, good_lse = _api.forward_taking([q.clone(), k.clone(), v.clone()], True, None, pv, return_lse=True)
     monkeypatch.setenv("COMFY_SAGE_STRICT", "0")
@@ -625,7 +627,7 @@ def test_a_sparse_call_selects_from_16bit_q_and_k_before_they_go(fresh, at_atten
     outs = []
     for _ in range(2):
         g = torch.Generator().manual_seed(5)
-        tensors = [torch.randn(1, 2, 128, 32, generator=g).to(torch.float16) for _ in range(3)]
+        tensors = [torch.randn(1, 2, 128, 32, generator=g).to(DEV, torch.float16) for _ in range(3)]
         watch[:] = [weakref.ref(t) for t in tensors]
         outs.append(sdpa_taking(tensors, pv="sparse:ratio=0.5"))
         assert tensors == []
@@ -637,7 +639,7 @@ def test_a_sparse_call_selects_from_16bit_q_and_k_before_they_go(fresh, at_atten
 @pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
 def test_quantize_taking_matches_quantize_and_empties_the_list(pv):
     g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(DEV, torch.bfloat16) for h in (4, 2, 2))
     dims = (1, 4, 2, 80, 80, 32, 32)
     kw = dict(dims=dims, scale=0.2, block_m=32, block_n=32, fp8_v=pv == "fp8", int8_v=pv == "int8",
               k_token=pv == "int8", rot=_quant.rotation_width(32) if pv == "int8" else 1)
@@ -653,6 +655,7 @@ def test_quantize_taking_matches_quantize_and_empties_the_list(pv):
     assert torch.equal(lse_a, lse_b)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU smoke of the bench; on a GPU the bench itself runs")
 def test_memory_bench_comfy_mode_runs_on_cpu(fresh, monkeypatch):
     """`python -m comfy_sage.bench.memory --comfy` on a tiny shape through the interpreter (no byte counts on CPU):
     every path runs, the containers' first and warm calls give the plain-tensor output, all 8-bit."""
