@@ -53,6 +53,7 @@ _RE_SITE = re.compile(r"^(\d+):(self|cross)$")
 # (grammar of Schedule.steps): early, noisy steps and late ones can differ in how local attention is. The first
 # forward's levels hold for every step; a range whose sparsest level within budget differs gets its own.
 SPARSE_RANGES = ("0.5-1.0",)
+RANGE_MIN_STEPS = 8  # the range's exact forward costs at most an eighth of sampling; shorter runs keep one level
 
 
 # ---- one attention call --------------------------------------------------------------------------------------
@@ -478,10 +479,10 @@ class Calibrator:
 
     def range_due(self, step: int | None, num_steps: int | None) -> str | None:
         """The step range (SPARSE_RANGES) that the forward at this step should measure, or None: sparse
-        calibration with a decision (measured or loaded) where some self-attention site runs 8-bit, the step known,
-        and that range not measured yet."""
+        calibration with a decision (measured or loaded) where some self-attention site runs 8-bit, the step known
+        in a run of at least RANGE_MIN_STEPS steps, and that range not measured yet."""
         if (not self.sparse or self.result is None or self.status not in ("measured", "loaded") or step is None
-                or not num_steps or not self._range_sites()):
+                or (num_steps or 0) < RANGE_MIN_STEPS or not self._range_sites()):
             return None
         done = self.result.ranges_measured() | self._ranges_tried
         for clause in SPARSE_RANGES:

@@ -228,11 +228,17 @@ class SageState:
         if fallback_reason(qh, kh, vh, scale=scale, enable_gqa=gqa) is None:
             self.calibrator.observe(f"{block}:{kind}", qh, kh, vh, scale=scale, group=group, group_index=gidx)
 
-    def _calibration_starts(self, x) -> bool:
-        """Before a model call: True when this call must measure; installs a loaded or new decision."""
+    def _calibration_starts(self, x, step=None, num_steps=None) -> bool:
+        """Before a model call: True when this call must measure (the first call, or with sparse calibration the
+        first call of a later step range); installs a loaded or new decision."""
         cal = self.calibrator
-        if cal is None or not cal.pending or not self.enabled or not isinstance(x, torch.Tensor):
+        if cal is None or not self.enabled or not isinstance(x, torch.Tensor):
             return False
+        if not cal.pending:
+            clause = cal.range_due(step, num_steps)
+            if clause is not None:
+                cal.start_range(clause)
+            return clause is not None
         if cal.start(x.device):
             return True
         self.schedule = self._calibrated()
@@ -255,7 +261,7 @@ class SageState:
         to = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
         step, n = _step_of(to)
         x = args[0] if args else None
-        calibrating = self._calibration_starts(x)
+        calibrating = self._calibration_starts(x, step, n)
         token = _forward.set(_Forward(step, n, calibrating))
         ok = False
         sync = isinstance(x, torch.Tensor) and x.is_cuda

@@ -368,3 +368,32 @@ def test_sparse_workflow_builds_a_valid_schedule():
     out_of = sorted(types_[b] for a, b in links.values() if a == sp[0]["id"])
     assert into == ["ApplySageAttention"]
     assert out_of == ["KSampler", "SageAttentionCompareImages", "SageAttentionReport"]
+
+
+def test_calibrated_mode_measures_the_late_steps_again(comfy, monkeypatch, tmp_path):
+    """Per step range (8 steps): step 0 measures every site, step 4 (the first of the second half) measures the
+    self sites' sparse levels again; block 0 stops being local there (stubbed) and runs dense on steps 4-7 only."""
+    calls = []
+
+    def sparse_errors(q, k, v, **kw):
+        late = len(calls) >= 2  # the first measurement's two self sites, then the late range's
+        calls.append(1)
+        local = block0_self(q, k) and not late
+        return {f"sparse:keep={lvl:g}": (0.01, 0.3) if local else (0.01, 0.9) for lvl in cal.SPARSE_LEVELS}
+
+    monkeypatch.setattr(cal, "sparse_errors", sparse_errors)
+    monkeypatch.setattr(cal, "variant_errors", lambda q, k, v, variants, **kw: {p: 0.01 for p in variants})
+    m = sparse_node(Patcher(), mode="calibrated")
+    sample(m, steps=8)
+    st = state(m)
+    res = st.calibrator.result
+    assert len(calls) == 4 and res.ranges_measured() == {"0.5-1.0"}
+    late = res.schedule.step_overrides["0.5-1.0"]
+    assert list(late) == ["0:self"] and not late["0:self"].startswith("sparse:")
+    run = st.run
+    assert dict(run["step_calls"][0]) == dict(run["step_calls"][4]) == {"exact:calibration": 4}
+    blocks = dict(run["blocks"][(0, "self")])
+    assert blocks["exact:calibration"] == 2 and blocks["int8-sparse"] == 3, blocks  # steps 1-3
+    assert sum(v for p, v in blocks.items() if p.startswith("int8-") and p != "int8-sparse") == 3  # steps 5-7
+    text = SageAttentionReport().report(m, {"samples": None})["result"][0]
+    assert "steps 0.5-1.0" in text

@@ -238,6 +238,7 @@ def test_calibrator_measures_late_steps_again(tmp_path):
     first = cal.finish().schedule.overrides
     assert first["0:self"].startswith("sparse:") and first["1:self"] == first["0:self"]
     assert cal.range_due(0, 10) is None and cal.range_due(4, 10) is None and cal.range_due(None, None) is None
+    assert cal.range_due(2, 4) is None  # a short run keeps one level: the extra exact forward would cost a quarter
     assert cal.range_due(5, 10) == "0.5-1.0"
     cal.start_range("0.5-1.0")
     cal.observe("0:self", *rand)  # late steps: no locality left at this site
