@@ -312,18 +312,25 @@ def test_stale_density_is_not_recorded(comfy, monkeypatch):
     assert dict(st.run["paths"]) == {"sdpa:head_dim": 1} and not st.run["density"]
 
 
-def test_calibrated_mode_decides_per_site_then_runs_sparse(comfy, monkeypatch, tmp_path):
-    """Calibration (measurements stubbed: block 0's attention is local, block 1's is not) makes block 0's
-    self-attention sparse and keeps block 1's dense; cross-attention is never measured at sparse levels."""
-    measured = []
+def stub_measurements(monkeypatch, local):
+    """Calibration's measurements stubbed: every dense variant within budget; each sparse level within budget at 30%
+    density where local(q, k, calls so far) holds, else only at 90% (above the density limit). The list of calls."""
+    calls = []
 
     def sparse_errors(q, k, v, **kw):
-        measured.append(1)
-        local = block0_self(q, k)  # within budget at a low density; block 1 only at densities above the limit
-        return {f"sparse:keep={lvl:g}": (0.01, 0.3) if local else (0.01, 0.9) for lvl in cal.SPARSE_LEVELS}
+        ok = local(q, k, len(calls))
+        calls.append(1)
+        return {f"sparse:keep={lvl:g}": (0.01, 0.3) if ok else (0.01, 0.9) for lvl in cal.SPARSE_LEVELS}
 
     monkeypatch.setattr(cal, "sparse_errors", sparse_errors)
     monkeypatch.setattr(cal, "variant_errors", lambda q, k, v, variants, **kw: {p: 0.01 for p in variants})
+    return calls
+
+
+def test_calibrated_mode_decides_per_site_then_runs_sparse(comfy, monkeypatch, tmp_path):
+    """Calibration (measurements stubbed: block 0's attention is local, block 1's is not) makes block 0's
+    self-attention sparse and keeps block 1's dense; cross-attention is never measured at sparse levels."""
+    measured = stub_measurements(monkeypatch, lambda q, k, n: block0_self(q, k))
     m = sparse_node(Patcher(), mode="calibrated")
     sample(m, steps=2)
     st = state(m)
@@ -373,16 +380,8 @@ def test_sparse_workflow_builds_a_valid_schedule():
 def test_calibrated_mode_measures_the_late_steps_again(comfy, monkeypatch, tmp_path):
     """Per step range (8 steps): step 0 measures every site, step 4 (the first of the second half) measures the
     self sites' sparse levels again; block 0 stops being local there (stubbed) and runs dense on steps 4-7 only."""
-    calls = []
-
-    def sparse_errors(q, k, v, **kw):
-        late = len(calls) >= 2  # the first measurement's two self sites, then the late range's
-        calls.append(1)
-        local = block0_self(q, k) and not late
-        return {f"sparse:keep={lvl:g}": (0.01, 0.3) if local else (0.01, 0.9) for lvl in cal.SPARSE_LEVELS}
-
-    monkeypatch.setattr(cal, "sparse_errors", sparse_errors)
-    monkeypatch.setattr(cal, "variant_errors", lambda q, k, v, variants, **kw: {p: 0.01 for p in variants})
+    # the first measurement's two self sites, then the late range's
+    calls = stub_measurements(monkeypatch, lambda q, k, n: block0_self(q, k) and n < 2)
     m = sparse_node(Patcher(), mode="calibrated")
     sample(m, steps=8)
     st = state(m)
