@@ -29,7 +29,7 @@ accumulator), whose e4m3 P keeps its relative precision under headroom: a speed 
 
 `predicted` turns a flush rate into instructions per block and TOPS by NOTES' sm90 counts (assumptions in COST).
 
-`python bench/experiments/accum_study.py [--quick]` writes bench/results/accum-study-cpu-2026-12-02.json (about
+`python -m comfy_sage.bench.experiments.accum_study [--quick]` writes bench/results/accum-study-cpu-2026-12-02.json (about
 17 min on two shared cores; --aside-only / --table-only redo those parts of an existing JSON).
 """
 import argparse
@@ -37,17 +37,7 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
-
-if __package__ in (None, ""):  # run as a script: import this checkout as the package it is
-    import types
-
-    _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    _pkg = types.ModuleType("comfy_sage")
-    _pkg.__path__ = [_root]
-    sys.modules["comfy_sage"] = _pkg
-    __package__ = "comfy_sage.bench.experiments"
 
 import torch
 
