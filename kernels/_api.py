@@ -278,7 +278,9 @@ def _salvage(qz, v, out, lse, dims, block_n, is_causal, fp8_v, int8_v, k_token):
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     g = Hq // Hkv
     n = torch.arange(Nk, device=out.device)
-    slot = (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)  # _quant.v_slot: where key n sits in v8
+    from ._quant import v_slot
+
+    slot = v_slot.fn(n)  # where key n sits in v8 (the jit function's Python body, on torch tensors)
     dtype = torch.float32  # the scaled 8-bit values exactly, at any range (SDPA's memory-efficient kernel on GPUs)
     for b in range(B):
         for hk in range(Hkv):
