@@ -139,14 +139,15 @@ def compile_sm90(fn, **kw):
 
 def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16", int8_v=False):
     """_quant._quant_kernel as _quant.quantize launches it (q, k, v of `dtype`; num_stages left at Triton's
-    default) at head dim D, padded to its bucket; `int8_v` as for pv="int8" (per-token K, Hadamard rotation)."""
+    default) at head dim D, padded to its bucket; `int8_v` as for pv="int8" (per-token K); q and k rotated on every
+    path but FP8 (_quant.rotation_for)."""
     quant = kernel_module("_quant")
     types_ = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Q8": "*i8", "K8": "*i8",
               "V8": "*fp8e4nv" if fp8_v else "*i8", "q_mult": "fp32", "VC": "*i16" if int8_v else "*fp32"}
     types_.update({k: "*fp32" for k in ("QS", "LSE", "KS", "KM")}, VS="*bf16" if int8_v else "*fp32")
     const = dict(D=D, DP=head_dim_bucket(D), DS=quant.row_bytes(D), BLOCK_Q=block_m, BLOCK_K=block_n,
                  SAMPLE_N=quant.SAMPLE, QUANT_V=fp8_v or int8_v, K_TOKEN=k_token or int8_v, Q_DOT_KMEAN=lse,
-                 V_INT8=int8_v, ROT=quant.rotation_width(D) if int8_v else 1)
+                 V_INT8=int8_v, ROT=quant.rotation_for("fp8" if fp8_v else "fp16", D))
     return _compile(fn, arch, types_, const, _options(warps), divisible=_divisible(D))
 
 
@@ -187,8 +188,10 @@ def compile_select(fn, *, arch, block_m, block_n, nkb, causal, self_attn, by_rat
     return _compile(fn, arch, types_, const, _options(warps))
 
 
-def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False):
-    """_attention_ws._attn_ws_kernel (Gluon, sm90) as _attention_ws.attention launches it."""
+def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False, pv16=False,
+               overlap=False, lazy=0.0):
+    """_attention_ws._attn_ws_kernel (Gluon, sm90) as _attention_ws.attention launches it (pv16: 16-bit P·V on
+    the user's v through a 4-D descriptor)."""
     import torch  # the descriptors' type strings come from Gluon's own descriptor class
     from triton.experimental.gluon import _runtime, language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -197,13 +200,15 @@ def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_
     def desc(dtype, gdtype, block):
         t = torch.empty(block, dtype=dtype)
         lay = gl.NVMMASharedLayout.get_default_for(block, gdtype)
-        return mangle_type(TensorDescriptor(t, block, [block[1], 1], block, lay))
+        return mangle_type(TensorDescriptor(t, block, list(t.stride()), block, lay))
 
+    v = desc(torch.float16, gl.float16, [1, 1, block_n, D]) if pv16 else desc(torch.float8_e4m3fn, gl.float8e4nv,
+                                                                              [D, block_n])
     types_ = {"q_desc": desc(torch.int8, gl.int8, [block_m, D]), "k_desc": desc(torch.int8, gl.int8, [block_n, D]),
-              "v_desc": desc(torch.float8_e4m3fn, gl.float8e4nv, [D, block_n]), "O": "*fp16"}
+              "v_desc": v, "O": "*fp16"}
     types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")})
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=store_lse, CONSUMERS=consumers, STAGES=stages,
-                 CONSUMER_REGS=consumer_regs)
+                 CONSUMER_REGS=consumer_regs, PV16=pv16, OVERLAP=overlap, LAZY=lazy)
     return _compile(fn, 90, types_, const, _options(4, maxnreg=maxnreg), source=_runtime.GluonASTSource)
 
 

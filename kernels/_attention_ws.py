@@ -19,6 +19,7 @@ interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against _att
 import functools
 import os
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -26,22 +27,25 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 from ._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
 
-P_SHIFT = gl.constexpr(P_SHIFT_FP8)
+FP8_SHIFT = gl.constexpr(P_SHIFT_FP8)
+
 PRODUCER_REGS = gl.constexpr(24)  # the least setmaxnreg allows: the producer holds only scalars
 TESTED_TRITON = ("3.6.",)  # Gluon's API moves between releases; others run _attention.py
 ENV = "COMFY_SAGE_WS"      # "0": never use this kernel (A/B runs, a way out); "1": also on untested Triton
 
 
 @triton.constexpr_function
-def mma_layout(n):
-    """The register layout of one warpgroup's wgmma accumulator, n columns wide."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
+def mma_layout(n, k=32):
+    """The register layout of one warpgroup's wgmma accumulator, n columns wide (k: the instruction's depth, 32
+    for 8-bit operands, 16 for 16-bit ones)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
 
 
 @triton.constexpr_function
-def a_operand_layout(acc_layout):
-    """The layout of an 8-bit MMA's A operand in registers, P as the next MMA reads it from the accumulator."""
-    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
+def a_operand_layout(acc_layout, k_width=4):
+    """The layout of an MMA's A operand in registers (k_width: elements per 32-bit register, 4 for 8-bit P, 2 for
+    16-bit), P as the next MMA reads it from the accumulator."""
+    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
 
 
 @gluon.jit
@@ -54,7 +58,7 @@ def quad_rows(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMERS: gl.constexpr,
-              STAGES: gl.constexpr):
+              STAGES: gl.constexpr, PV16: gl.constexpr):
     """One warp: the consumers' Q tiles once, then K and V block by block into the next stage of the ring once
     the consumers have released it."""
     q_desc, k_desc, v_desc = descs
@@ -72,24 +76,28 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
         tma.async_copy_global_to_shared(q_desc, [bh * Nq_pad + (pid_m * CONSUMERS + i) * BLOCK_M, 0], q_bar,
                                         q_smem.index(i))
     KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    Hkv = Hq // GROUP
     for j in range((Nk + BLOCK_N - 1) // BLOCK_N):
         s = j % STAGES
         # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), KV_BYTES)
         tma.async_copy_global_to_shared(k_desc, [bhk * Nk_pad + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
-        tma.async_copy_global_to_shared(v_desc, [bhk * D, j * BLOCK_N], ready.index(s), v_smem.index(s))
+        if PV16:  # the user's v, [B, Hkv, Nk, D]: keys past Nk arrive as zeros
+            tma.async_copy_global_to_shared(v_desc, [bhk // Hkv, bhk % Hkv, j * BLOCK_N, 0], ready.index(s),
+                                            v_smem.index(s))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [bhk * D, j * BLOCK_N], ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-           MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
-           o_layout: gl.constexpr):
-    """Key block j for one consumer warpgroup."""
-    BLOCK_M: gl.constexpr = zero_s.shape[0]
-    st = j % STAGES
-    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
-    s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
+def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constexpr, P_SHIFT: gl.constexpr,
+             LAZY: gl.constexpr = 0.0):
+    """Key block j's Q·Kᵀ accumulator to P: (the new row reference, P in FP32, the old reference's factor, the next
+    block's K scales). The reference is the running row max, or with LAZY > 0 raised (to the block's max) only
+    where a block's max exceeds it by more than LAZY, so that P may reach 2^LAZY."""
+    BLOCK_M: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
     s = (s + MAGIC_BITS).to(gl.float32, bitcast=True)  # MAGIC + Q·K
     if MASKED:
         s = gl.where((j * BLOCK_N + cols0)[None, :] < Nk, s, float("-inf"))
@@ -97,25 +105,82 @@ def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, 
     c = c_q[:, None] * ks[None, :]
     ks = gl.load(ks_ptr + gl.minimum(j + 1, n_blocks - 1) * 4)  # the next block's scales, loaded a block early
     mx = gl.convert_layout(_max_tree(gl.max(s, 3)), c.type.layout, assert_trivial=True)
-    m_new = gl.maximum(m_i, gl.max((mx - MAGIC) * c, 1))
+    m_blk = gl.max((mx - MAGIC) * c, 1)
+    if LAZY > 0:
+        m_new = gl.where(m_blk > m_i + LAZY, m_blk, m_i)
+    else:
+        m_new = gl.maximum(m_i, m_blk)
     off = m_new[:, None] + MAGIC * c - P_SHIFT
     p = gl.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape([BLOCK_M, BLOCK_N])
-    alpha = gl.exp2(m_i - m_new)
-    p8 = _mma_a_order(p.to(gl.float8e4nv))
-    pv_tok = warpgroup_mma(gl.convert_layout(p8, p_layout, assert_trivial=True), v_smem.index(st).permute((1, 0)),
-                           o_zero, use_acc=False, is_async=True)
+    return m_new, p, gl.exp2(m_i - m_new), ks
+
+
+@gluon.jit
+def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+           MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
+           o_layout: gl.constexpr, P_SHIFT: gl.constexpr, PV16: gl.constexpr, LAZY: gl.constexpr):
+    """Key block j for one consumer warpgroup, its MMAs one after the other."""
+    st = j % STAGES
+    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+    s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
+    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, P_SHIFT, LAZY)
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    if PV16:
+        # P in v's dtype, already in the operand's register order; v [BLOCK_N, D] as it came. The MMA accumulates
+        # in FP32 into the rescaled accumulator: no block-sized partial result held beside it (spilled 152 B at
+        # three consumers)
+        if LAZY > 0:  # rescaled only where some row of this warpgroup raised its reference
+            if gl.max((m_new > m_i).to(gl.int32), 0) > 0:
+                acc = acc * alpha_o
+                l_i = l_i * alpha
+        else:
+            acc = acc * alpha_o
+            l_i = l_i * alpha
+        pv_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout, assert_trivial=True),
+                               v_smem.index(st).reshape([BLOCK_N, o_zero.shape[1]]), acc, is_async=True)
+    else:
+        # FP8 P with its keys in the operand's order (v8 stored [D, BLOCK_N] in that order); one block's products
+        # summed in the MMA, then added in FP32 (FP8 MMAs keep fewer bits than FP32: _attention.py)
+        p8 = _mma_a_order(p.to(gl.float8e4nv))
+        pv_tok = warpgroup_mma(gl.convert_layout(p8, p_layout, assert_trivial=True), v_smem.index(st).permute((1, 0)),
+                               o_zero, use_acc=False, is_async=True)
     psum = gl.convert_layout(gl.sum(p, 1), alpha.type.layout)  # beside the MMA
-    # FP8 products of one block summed in the MMA, then added in FP32 (as in _attention.py)
     pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(empty.index(st))  # one arrival per warpgroup, as the ring's barriers count
-    l_i = l_i * alpha + psum
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    if PV16:
+        l_i = l_i + psum
+        acc = pv
+    else:
+        l_i = l_i * alpha + psum
+        acc = acc * alpha_o + pv
     return m_new, l_i, acc, ks
 
 
 @gluon.jit
+def _block_ahead(j, m_i, l_i, acc, ks, pa, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                 MASKED: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr, o_layout: gl.constexpr):
+    """16-bit P·V, FlashAttention-3's overlap inside a warpgroup: key block j's Q·Kᵀ is issued, then block j−1's P·V
+    (`pa`, its P as the operand), and block j's softmax runs while that P·V is on the tensor cores."""
+    BLOCK_N: gl.constexpr = zero_s.shape[1]
+    st = j % STAGES
+    prev = (j + STAGES - 1) % STAGES
+    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    pv_tok = warpgroup_mma(pa, v_smem.index(prev).reshape([BLOCK_N, acc.shape[1]]), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s_tok, ))  # Q·Kᵀ was committed first
+    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, 0.0)
+    psum = gl.convert_layout(gl.sum(p, 1), alpha.type.layout)
+    acc, pa = warpgroup_mma_wait(0, deps=(pv_tok, pa))
+    mbarrier.arrive(empty.index(prev))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    pa = gl.convert_layout(p.to(pa.dtype), p_layout, assert_trivial=True)
+    return m_new, l_i * alpha + psum, acc, ks, pa
+
+
+@gluon.jit
 def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
+              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr,
+              OVERLAP: gl.constexpr, LAZY: gl.constexpr):
     """One warpgroup: rows [BLOCK_M·wg, BLOCK_M·(wg+1)) of the CTA's tile over every key block, then its output."""
     q_smem, kv_smem = smem
     k_smem, v_smem = kv_smem
@@ -124,8 +189,10 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
     Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad = sizes
     D: gl.constexpr = q_smem.shape[2]
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
-    o_layout: gl.constexpr = mma_layout(D)
-    p_layout: gl.constexpr = a_operand_layout(o_layout)
+    o_layout: gl.constexpr = mma_layout(D, 16 if PV16 else 32)
+    p_layout: gl.constexpr = a_operand_layout(o_layout, 2 if PV16 else 4)
+    # FP8 P is scaled to just under 448 (_attention.P_SHIFT_FP8); 16-bit P is at most 1
+    P_SHIFT: gl.constexpr = 0.0 if PV16 else FP8_SHIFT
     r_layout: gl.constexpr = quad_rows(BLOCK_M, BLOCK_N).type.layout
     row_layout: gl.constexpr = gl.SliceLayout(1, r_layout)
 
@@ -146,18 +213,38 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
           o_zero, gl.load(ks_ptr))
     q = q_smem.index(wg)
     mbarrier.wait(q_bar, 0)
-    # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
-    for j in range(0, Nk // BLOCK_N):
-        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                    False, BLOCK_N, STAGES, p_layout, o_layout)
-    for j in range(Nk // BLOCK_N, n_blocks):
-        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                    True, BLOCK_N, STAGES, p_layout, o_layout)
-    m_i, l_i, acc, ks = st
+    if OVERLAP:
+        # block 0's scores and P (masked: it may be the tail), then each block's softmax beside the last one's P·V
+        mbarrier.wait(ready.index(0), 0)
+        s0 = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+        m_i, p, alpha, ks = _softmax(0, s0, st[0], st[3], c_q, ks_ptr, cols0, n_blocks, Nk, True, P_SHIFT)
+        pa = gl.convert_layout(p.to(v_smem.dtype), p_layout, assert_trivial=True)
+        st = (m_i, gl.convert_layout(gl.sum(p, 1), row_layout), o_zero, ks, pa)
+        for j in range(1, Nk // BLOCK_N):
+            st = _block_ahead(j, *st, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                              False, STAGES, p_layout, o_layout)
+        for j in range(gl.maximum(Nk // BLOCK_N, 1), n_blocks):
+            st = _block_ahead(j, *st, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                              True, STAGES, p_layout, o_layout)
+        m_i, l_i, acc, ks, pa = st
+        last = (n_blocks - 1) % STAGES
+        pv_tok = warpgroup_mma(pa, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+        mbarrier.arrive(empty.index(last))
+    else:
+        # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
+        for j in range(0, Nk // BLOCK_N):
+            st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                        False, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, LAZY)
+        for j in range(Nk // BLOCK_N, n_blocks):
+            st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                        True, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, LAZY)
+        m_i, l_i, acc, ks = st
 
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     d = gl.arange(0, D, gl.SliceLayout(0, o_layout))
-    out = out * gl.load(VS + bhk.to(gl.int64) * D + d)[None, :]
+    if not PV16:  # v8's per-channel scale
+        out = out * gl.load(VS + bhk.to(gl.int64) * D + d)[None, :]
     orows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, o_layout))
     o_ptrs = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + orows[:, None].to(gl.int64) * son + d[None, :]
     gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(orows < Nq)[:, None])
@@ -169,7 +256,8 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
 @gluon.jit
 def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STORE_LSE: gl.constexpr,
-                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PV16: gl.constexpr,
+                    OVERLAP: gl.constexpr, LAZY: gl.constexpr):
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(D <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     gl.static_assert(BLOCK_M == 64)  # one warpgroup's MMA rows
@@ -177,7 +265,7 @@ def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, H
 
     q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BLOCK_N], v_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -198,20 +286,20 @@ def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, H
     W2: gl.constexpr = 2
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))], [1], [PRODUCER_REGS])
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))], [1], [PRODUCER_REGS])
     elif CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))],
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES))],
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
             [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(q_bar)
@@ -239,7 +327,14 @@ def usable() -> bool:
     return env != "0" and (env == "1" or _triton_tested())
 
 
-def _descriptors(qz, dims, block_m, block_n):
+def takes(v) -> bool:
+    """Whether the bulk-copy engine takes this 16-bit v ([B, Hkv, Nk, D] view): 16-byte aligned base and strides."""
+    es = v.element_size()
+    return v.dtype in (torch.float16, torch.bfloat16) and v.data_ptr() % 16 == 0 and not any(
+        st * es % 16 for st in v.stride()[:3])
+
+
+def _descriptors(qz, v, dims, block_m, block_n):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, Hq, Hkv, Nq, Nk, D, DP = dims
@@ -247,23 +342,33 @@ def _descriptors(qz, dims, block_m, block_n):
     lay = gl.NVMMASharedLayout.get_default_for
     dq = TensorDescriptor(q8, [B * Hq * q8.shape[2], D], [q8.shape[3], 1], [block_m, D], lay([block_m, D], gl.int8))
     dk = TensorDescriptor(k8, [B * Hkv * k8.shape[2], D], [k8.shape[3], 1], [block_n, D], lay([block_n, D], gl.int8))
-    dv = TensorDescriptor(v8, [B * Hkv * D, v8.shape[3]], [v8.shape[3], 1], [D, block_n],
-                          lay([D, block_n], gl.float8e4nv))
+    if v is None:
+        dv = TensorDescriptor(v8, [B * Hkv * D, v8.shape[3]], [v8.shape[3], 1], [D, block_n],
+                              lay([D, block_n], gl.float8e4nv))
+    else:  # the user's 16-bit v, any strides the bulk-copy engine takes
+        if not takes(v):
+            raise ValueError("the warp-specialized kernel takes a 16-bit v with 16-byte aligned rows and strides")
+        gdt = gl.float16 if v.dtype == torch.float16 else gl.bfloat16
+        block = [1, 1, block_n, D]
+        dv = TensorDescriptor(v, list(v.shape), list(v.stride()), block, lay(block, gdt))
     return dq, dk, dv
 
 
-def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg):
-    """Launch over the tensors from _quant.quantize (FP8 v, head dim 64 or 128 unpadded); `out` a [B, Hq, Nq, D]
-    view (last dim contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows."""
+def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, overlap=False,
+              lazy=0.0):
+    """Launch over the tensors from _quant.quantize (head dim 64 or 128 unpadded): FP8 P·V on qz.v8, or 16-bit P·V on
+    `v` (the user's [B, Hkv, Nk, D] view, fp16/bf16, 16-byte aligned rows); `out` a [B, Hq, Nq, D] view (last dim
+    contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
-    if D != DP or D not in (64, 128) or block_m != 64 or qz.v8 is None or qz.q8.shape[3] != D:
-        raise ValueError(f"the warp-specialized kernel takes FP8 v and head dim 64 or 128 with 64-row tiles (got "
-                         f"head dim {D}, block_m {block_m})")
+    if D != DP or D not in (64, 128) or block_m != 64 or (qz.v8 is None) == (v is None) or qz.q8.shape[3] != D:
+        raise ValueError(f"the warp-specialized kernel takes FP8 v8 or a 16-bit v, and head dim 64 or 128 with "
+                         f"64-row tiles (got head dim {D}, block_m {block_m})")
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
-    dq, dk, dv = _descriptors(qz, dims, block_m, block_n)
+    dq, dk, dv = _descriptors(qz, v, dims, block_m, block_n)
     rows = block_m * consumers
     _attn_ws_kernel[(triton.cdiv(Nq_pad, rows), B * Hq)](
-        dq, dk, dv, qz.qs, qz.ks, qz.vs, out, lse if lse is not None else qz.qs,
+        dq, dk, dv, qz.qs, qz.ks, qz.vs if v is None else qz.qs, out, lse if lse is not None else qz.qs,
         out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=lse is not None, CONSUMERS=consumers, STAGES=stages,
-        CONSUMER_REGS=consumer_regs(consumers, maxnreg), num_warps=4, maxnreg=maxnreg)
+        CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, OVERLAP=overlap and v is not None, LAZY=lazy if v is not None else 0.0,
+        num_warps=4, maxnreg=maxnreg)
