@@ -1,7 +1,9 @@
-"""sm90 full attention with FP8 P·V in Gluon (Triton's explicit dialect), warp-specialized as FlashAttention-3 is.
+"""sm90 full attention with FP8 or 16-bit P·V in Gluon (Triton's explicit dialect), warp-specialized as
+FlashAttention-3 is.
 
 Same arithmetic as _attention.py on the same quantized inputs (the MAGIC int->float conversion, K scales per key
-block and lane quad, P shifted to 448, v8's key order), with another structure:
+block and lane quad; FP8: P shifted to 448 and v8's key order; 16-bit: P in v's dtype, the user's v read through a
+4-D descriptor), with another structure:
 - one producer warp issues the bulk copies: each consumer's Q tile once, then K and V of each key block into a
   ring of shared-memory stages, waiting on a stage's "empty" mbarrier before refilling it and signalling its
   "ready" mbarrier with the bytes to expect;
@@ -12,9 +14,10 @@ three `bar.sync` per key block in _attention.py's loop (19% of a warp's cycles, 
 keeps one warpgroup-wide barrier before each mbarrier wait and arrive (two per block). Row sums add P in FP32:
 the ones-tile MMA of _attention.py gave wrong sums in Gluon.
 
-Used where the sm90 table gives a tile `ws` (full attention, FP8 P·V, head dim exactly 64 or 128, bulk copies)
-and the installed Triton is one this was measured with; everything else runs _attention.py. Triton's CPU
-interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against _attention.py on the GPU.
+Used where the sm90 table gives a tile `ws` (full attention, FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
+copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with; everything
+else runs _attention.py. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against
+_attention.py on the GPU.
 """
 import functools
 import os
@@ -91,11 +94,9 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
 
 
 @gluon.jit
-def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constexpr, P_SHIFT: gl.constexpr,
-             LAZY: gl.constexpr = 0.0):
-    """Key block j's Q·Kᵀ accumulator to P: (the new row reference, P in FP32, the old reference's factor, the next
-    block's K scales). The reference is the running row max, or with LAZY > 0 raised (to the block's max) only
-    where a block's max exceeds it by more than LAZY, so that P may reach 2^LAZY."""
+def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constexpr, P_SHIFT: gl.constexpr):
+    """Key block j's Q·Kᵀ accumulator to P: (the new row max, P in FP32, the old max's factor, the next block's K
+    scales)."""
     BLOCK_M: gl.constexpr = s.shape[0]
     BLOCK_N: gl.constexpr = s.shape[1]
     s = (s + MAGIC_BITS).to(gl.float32, bitcast=True)  # MAGIC + Q·K
@@ -105,11 +106,7 @@ def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constex
     c = c_q[:, None] * ks[None, :]
     ks = gl.load(ks_ptr + gl.minimum(j + 1, n_blocks - 1) * 4)  # the next block's scales, loaded a block early
     mx = gl.convert_layout(_max_tree(gl.max(s, 3)), c.type.layout, assert_trivial=True)
-    m_blk = gl.max((mx - MAGIC) * c, 1)
-    if LAZY > 0:
-        m_new = gl.where(m_blk > m_i + LAZY, m_blk, m_i)
-    else:
-        m_new = gl.maximum(m_i, m_blk)
+    m_new = gl.maximum(m_i, gl.max((mx - MAGIC) * c, 1))
     off = m_new[:, None] + MAGIC * c - P_SHIFT
     p = gl.exp2(s * c[:, None, :, None] - off[:, None, :, None]).reshape([BLOCK_M, BLOCK_N])
     return m_new, p, gl.exp2(m_i - m_new), ks
@@ -118,24 +115,20 @@ def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constex
 @gluon.jit
 def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
            MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
-           o_layout: gl.constexpr, P_SHIFT: gl.constexpr, PV16: gl.constexpr, LAZY: gl.constexpr):
-    """Key block j for one consumer warpgroup, its MMAs one after the other."""
+           o_layout: gl.constexpr, P_SHIFT: gl.constexpr, PV16: gl.constexpr):
+    """Key block j for one consumer warpgroup."""
     st = j % STAGES
     mbarrier.wait(ready.index(st), (j // STAGES) & 1)
     s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
-    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, P_SHIFT, LAZY)
+    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, P_SHIFT)
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     if PV16:
         # P in v's dtype, already in the operand's register order; v [BLOCK_N, D] as it came. The MMA accumulates
         # in FP32 into the rescaled accumulator: no block-sized partial result held beside it (spilled 152 B at
-        # three consumers)
-        if LAZY > 0:  # rescaled only where some row of this warpgroup raised its reference
-            if gl.max((m_new > m_i).to(gl.int32), 0) > 0:
-                acc = acc * alpha_o
-                l_i = l_i * alpha
-        else:
-            acc = acc * alpha_o
-            l_i = l_i * alpha
+        # three consumers). FlashAttention-3's overlap of the next block's softmax with this P·V (two consumers:
+        # three spilled 264 B) and a rescale skipped while no row max grows by 2^8 measured slower (NOTES, v11).
+        acc = acc * alpha_o
+        l_i = l_i * alpha
         pv_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout, assert_trivial=True),
                                v_smem.index(st).reshape([BLOCK_N, o_zero.shape[1]]), acc, is_async=True)
     else:
@@ -157,30 +150,8 @@ def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, 
 
 
 @gluon.jit
-def _block_ahead(j, m_i, l_i, acc, ks, pa, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                 MASKED: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr, o_layout: gl.constexpr):
-    """16-bit P·V, FlashAttention-3's overlap inside a warpgroup: key block j's Q·Kᵀ is issued, then block j−1's P·V
-    (`pa`, its P as the operand), and block j's softmax runs while that P·V is on the tensor cores."""
-    BLOCK_N: gl.constexpr = zero_s.shape[1]
-    st = j % STAGES
-    prev = (j + STAGES - 1) % STAGES
-    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
-    s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    pv_tok = warpgroup_mma(pa, v_smem.index(prev).reshape([BLOCK_N, acc.shape[1]]), acc, is_async=True)
-    s = warpgroup_mma_wait(1, deps=(s_tok, ))  # Q·Kᵀ was committed first
-    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, 0.0)
-    psum = gl.convert_layout(gl.sum(p, 1), alpha.type.layout)
-    acc, pa = warpgroup_mma_wait(0, deps=(pv_tok, pa))
-    mbarrier.arrive(empty.index(prev))
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    pa = gl.convert_layout(p.to(pa.dtype), p_layout, assert_trivial=True)
-    return m_new, l_i * alpha + psum, acc, ks, pa
-
-
-@gluon.jit
 def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr,
-              OVERLAP: gl.constexpr, LAZY: gl.constexpr):
+              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr):
     """One warpgroup: rows [BLOCK_M·wg, BLOCK_M·(wg+1)) of the CTA's tile over every key block, then its output."""
     q_smem, kv_smem = smem
     k_smem, v_smem = kv_smem
@@ -213,33 +184,14 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
           o_zero, gl.load(ks_ptr))
     q = q_smem.index(wg)
     mbarrier.wait(q_bar, 0)
-    if OVERLAP:
-        # block 0's scores and P (masked: it may be the tail), then each block's softmax beside the last one's P·V
-        mbarrier.wait(ready.index(0), 0)
-        s0 = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-        m_i, p, alpha, ks = _softmax(0, s0, st[0], st[3], c_q, ks_ptr, cols0, n_blocks, Nk, True, P_SHIFT)
-        pa = gl.convert_layout(p.to(v_smem.dtype), p_layout, assert_trivial=True)
-        st = (m_i, gl.convert_layout(gl.sum(p, 1), row_layout), o_zero, ks, pa)
-        for j in range(1, Nk // BLOCK_N):
-            st = _block_ahead(j, *st, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                              False, STAGES, p_layout, o_layout)
-        for j in range(gl.maximum(Nk // BLOCK_N, 1), n_blocks):
-            st = _block_ahead(j, *st, c_q, ks_ptr, cols0, zero_s, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                              True, STAGES, p_layout, o_layout)
-        m_i, l_i, acc, ks, pa = st
-        last = (n_blocks - 1) % STAGES
-        pv_tok = warpgroup_mma(pa, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
-        mbarrier.arrive(empty.index(last))
-    else:
-        # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
-        for j in range(0, Nk // BLOCK_N):
-            st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                        False, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, LAZY)
-        for j in range(Nk // BLOCK_N, n_blocks):
-            st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                        True, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, LAZY)
-        m_i, l_i, acc, ks = st
+    # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
+    for j in range(0, Nk // BLOCK_N):
+        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                    False, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16)
+    for j in range(Nk // BLOCK_N, n_blocks):
+        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
+                    True, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16)
+    m_i, l_i, acc, ks = st
 
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     d = gl.arange(0, D, gl.SliceLayout(0, o_layout))
@@ -256,8 +208,7 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
 @gluon.jit
 def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STORE_LSE: gl.constexpr,
-                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PV16: gl.constexpr,
-                    OVERLAP: gl.constexpr, LAZY: gl.constexpr):
+                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PV16: gl.constexpr):
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(D <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     gl.static_assert(BLOCK_M == 64)  # one warpgroup's MMA rows
@@ -286,19 +237,19 @@ def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, H
     W2: gl.constexpr = 2
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
             (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))], [1], [PRODUCER_REGS])
     elif CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
             (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
-            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, OVERLAP, LAZY)),
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
+            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
             (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
             [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
@@ -354,8 +305,7 @@ def _descriptors(qz, v, dims, block_m, block_n):
     return dq, dk, dv
 
 
-def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, overlap=False,
-              lazy=0.0):
+def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None):
     """Launch over the tensors from _quant.quantize (head dim 64 or 128 unpadded): FP8 P·V on qz.v8, or 16-bit P·V on
     `v` (the user's [B, Hkv, Nk, D] view, fp16/bf16, 16-byte aligned rows); `out` a [B, Hq, Nq, D] view (last dim
     contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows."""
@@ -370,5 +320,5 @@ def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnre
         dq, dk, dv, qz.qs, qz.ks, qz.vs if v is None else qz.qs, out, lse if lse is not None else qz.qs,
         out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=lse is not None, CONSUMERS=consumers, STAGES=stages,
-        CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, OVERLAP=overlap and v is not None, LAZY=lazy if v is not None else 0.0,
-        num_warps=4, maxnreg=maxnreg)
+        CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, num_warps=4,
+        maxnreg=maxnreg)

@@ -1,7 +1,8 @@
 """16-bit P·V in the warp-specialized sm90 kernel (issue 14): its speed, quantization included, beside cuDNN, the
 package's FP8 and FP16 paths, and its accuracy on the four inputs of the accuracy table, with and without the
 block-Hadamard rotation of q and k. On a GPU: `OUT=dir python -m comfy_sage.bench.experiments.pv16_ws`.
-VARIANTS (JSON: name -> consumers, stages, maxnreg, overlap, lazy), NOCHECK=1, NOACC=1, ROUNDS.
+VARIANTS (JSON: name -> consumers, stages, maxnreg), NOCHECK=1, NOACC=1, ROUNDS. (The overlap and lazy
+variants of results b and c ran the kernel of commit 92c0a6a.)
 `python -m comfy_sage.bench.experiments.pv16_ws --plot result.json` draws a result's speed table (no GPU needed)."""
 import json
 import os
@@ -15,13 +16,11 @@ from triton.testing import do_bench
 from ...kernels import _attention_ws, _quant, sage_attention
 from ..bench import KINDS, inputs, metrics, tops
 
-DEFAULT = {"ov_c2s2": dict(consumers=2, stages=2, maxnreg=168, overlap=True),
-           "ov_c2s3": dict(consumers=2, stages=3, maxnreg=168, overlap=True),
-           "ov_c3s2": dict(consumers=3, stages=2, maxnreg=128, overlap=True),
-           "c3s2": dict(consumers=3, stages=2, maxnreg=128), "c3s3": dict(consumers=3, stages=3, maxnreg=128)}
+DEFAULT = {"c3s2": dict(consumers=3, stages=2, maxnreg=128), "c3s3": dict(consumers=3, stages=3, maxnreg=128),
+           "c2s2": dict(consumers=2, stages=2, maxnreg=168)}
 
 
-def ws16(q, k, v, *, consumers, stages, maxnreg, rot=1, lse=False, overlap=False):
+def ws16(q, k, v, *, consumers, stages, maxnreg, rot=1, lse=False):
     """q, k, v [B, H, N, D] (HND views): quantization and the warp-specialized kernel with 16-bit P·V."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -30,7 +29,7 @@ def ws16(q, k, v, *, consumers, stages, maxnreg, rot=1, lse=False, overlap=False
     ls = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if lse else None
     qz = _quant.quantize(q, k, v, dims=dims, scale=D ** -0.5, block_m=64, block_n=128, fp8_v=False, lse=ls, rot=rot)
     _attention_ws.attention(qz, out, ls, dims=dims, block_m=64, block_n=128, consumers=consumers, stages=stages,
-                            maxnreg=maxnreg, v=v, overlap=overlap)
+                            maxnreg=maxnreg, v=v)
     return (out, ls) if lse else out
 
 
