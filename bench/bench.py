@@ -40,6 +40,7 @@ def methods():
     m["sage_fp8pv"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv="fp8")
     m["sage_int8pv"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv="int8")
     m["sage_fine"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c, pv="fine")
+    m["sage_auto"] = lambda q, k, v, c: sage_attention(q, k, v, is_causal=c)
     m["sage_sdpa"] = lambda q, k, v, c: sage_sdpa(q, k, v, is_causal=c)
     try:  # SageAttention 2 (../shared/peers/)
         from sageattention import sageattn

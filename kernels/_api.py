@@ -81,16 +81,19 @@ def _to_hnd(t, layout):
     return t if layout == "HND" else t.transpose(1, 2)
 
 
-def _warp_specialized(tile, causal, fp8_v, D, DP, config=()):
-    """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, full attention, FP8
-    P·V, a head dim needing no padding, bulk copies, a Triton it was measured with: _attention_ws.usable, and it
-    has not failed here before), else None."""
-    if tile.ws is None or causal or not fp8_v or D != DP or not tile.tma or _fallback.failed(("ws", *config)):
+def _warp_specialized(tile, causal, pv, D, DP, config=(), v=None):
+    """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, full attention, FP8 or
+    FP16 P·V, a head dim needing no padding, bulk copies, a 16-bit `v` whose rows the bulk-copy engine takes, a
+    Triton it was measured with: _attention_ws.usable, and it has not failed here before), else None."""
+    if (tile.ws is None or causal or pv not in ("fp8", "fp16") or D != DP or not tile.tma
+            or _fallback.failed(("ws", *config))):
         return None
     try:
         from . import _attention_ws
     except Exception as e:  # noqa: BLE001 - a Triton without Gluon, or with another Gluon API: the Triton kernel
         _fallback.record(("ws", *config), e)
+        return None
+    if pv == "fp16" and (v is None or not _attention_ws.takes(v)):
         return None
     return _attention_ws if _attention_ws.usable() else None
 
@@ -141,7 +144,7 @@ def _run(qkv: list, layout, is_causal, scale, pv, return_lse, tile=None, sparse=
         raise ValueError(f"sage_attention needs a CUDA GPU of sm80 or newer (got {qkv[0].device}); on CPU set "
                          "TRITON_INTERPRET=1 to run the Triton kernels, or call sage_sdpa for an exact fallback")
     if pv == "auto":
-        pv = entry.sparse_pv if sparse else entry.pv_for(D)
+        pv = entry.sparse_pv if sparse else entry.pv_for(D, is_causal)
     if pv == "fp8" and not entry.fp8:
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm89 or newer); this GPU is {entry.name}: use pv='fp16'")
     # what one compilation serves: failures are remembered per config
@@ -218,7 +221,7 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
             *blocks, density = _sparse.select(hnd[0], hnd[1], block_m=tile.block_m, block_n=tile.block_n,
                                               causal=is_causal, scale=scale, sparsity=sparse.sparsity)
         quant = dict(dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n, fp8_v=fp8_v, k_token=k_token,
-                     lse=lse, int8_v=int8_v, rot=_quant.rotation_width(D) if int8_v else 1)
+                     lse=lse, int8_v=int8_v, rot=_quant.rotation_for(pv, D))
         qz = _quant.quantize_taking(hnd, **quant) if release else _quant.quantize(*hnd, **quant)
         out = torch.empty(out_shape, dtype=dtype, device=device)  # after the 16-bit tensors that went
         vh = v_meta if hnd[2] is None else hnd[2]
@@ -228,7 +231,7 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages, tma=tile.tma, maxnreg=tile.maxnreg, pointer_maxnreg=tile.pointer_maxnreg,
             sparse=blocks)
-        ws_kernel = None if sparse else _warp_specialized(tile, is_causal, fp8_v, D, DP, config)
+        ws_kernel = None if sparse else _warp_specialized(tile, is_causal, pv, D, DP, config, hnd[2])
         try:
             if ws_kernel is None:
                 triton_kernel()
@@ -236,7 +239,7 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
                 try:
                     ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                                         block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
-                                        maxnreg=tile.ws.maxnreg)
+                                        maxnreg=tile.ws.maxnreg, v=None if fp8_v else vh)
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work

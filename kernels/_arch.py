@@ -26,7 +26,7 @@ class Tile:
     num_stages: int
     tma: bool = False  # tiles through tensor descriptors (sm90+)
     maxnreg: int | None = None  # register cap per thread: 168 lets three 4-warp CTAs share an SM
-    ws: WarpSpec | None = None  # full attention with FP8 P·V at exactly this head dim runs _attention_ws.py
+    ws: WarpSpec | None = None  # full attention with FP8 or FP16 P·V at exactly this head dim runs _attention_ws.py
     # the cap where a tma tile runs pointer loads instead (no tensor descriptors before Triton 3.4; int8 rows that
     # are not 16-byte multiples): capped as for bulk copies, head dim 40 spilled and ran at 0.58x (FP16 P·V)
     pointer_maxnreg: int | None = None
@@ -41,7 +41,7 @@ class ArchEntry:
     tiles: dict = field(default_factory=dict)  # (padded head dim, pv) -> Tile
     # sage_sdpa keeps SDPA below this many (query, key) pairs per head: launch and quantization overhead win there.
     min_pairs: int = 0
-    pv_by_dim: dict = field(default_factory=dict)  # padded head dim -> pv, where it differs from pv_auto
+    pv_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pv, where it differs from pv_auto
     min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
     # ... and below this many pairs summed over batch and heads: too few query tiles to fill the GPU's waves
     min_total_pairs: int = 0
@@ -50,8 +50,8 @@ class ArchEntry:
     # the P·V paths fastest first, as calibration tries them after pv_auto (measured on sm90, datasheets elsewhere)
     pv_order: tuple = ("int8", "fp8", "fp16", "fine")
 
-    def pv_for(self, head_dim: int) -> str:
-        return self.pv_by_dim.get(head_dim_bucket(head_dim), self.pv_auto)
+    def pv_for(self, head_dim: int, causal: bool = False) -> str:
+        return self.pv_by.get((head_dim_bucket(head_dim), bool(causal)), self.pv_auto)
 
     def sdpa_below(self, head_dim: int, causal: bool) -> int:
         return self.min_pairs_by.get((head_dim_bucket(head_dim), bool(causal)), self.min_pairs)
@@ -82,10 +82,14 @@ _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8",
 # warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-10% over it on the H200 (bench/NOTES.md,
 # v9). At head dim 64 it measured 4% slower than the Triton kernel's four CTAs per SM: not used there.
 # On pointer loads the FP8 tile keeps its cap: 765 TOPS against 715 uncapped (H200, hd128, N=16k; v9.1 in NOTES).
+# FP16 P·V full attention at head dims 64 and 128: the same kernel with two stages (v11, H200 at N=32k: 786 / 551
+# TOPS against the Triton kernel's 625 / 489; three stages, two consumers, FlashAttention-3's in-warpgroup overlap
+# and a lazy rescale all measured slower).
 _HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128), pointer_maxnreg=168),
-                (128, "fp16"): Tile(64, 128, 4, 2, True)})
+                (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128))})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
-_HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128) for d in (32, 64)})
+_HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128, WarpSpec(3, 2, 128) if d == 64 else None)
+                for d in (32, 64)})
 # INT8 P·V (pv="int8"): the FP8 tiles without the warp-specialized kernel or a register cap (capped at 168, head
 # dim 128 spilled 280 B), until measured on the H200
 _HOPPER.update({(d, "int8"): dataclasses.replace(_HOPPER[(d, "fp8")], ws=None, maxnreg=None, pointer_maxnreg=None)
@@ -103,12 +107,15 @@ ARCHES = {
                       "datasheet, not measured)", _AMPERE, 1 << 22, pv_order=("int8", "fp16", "fine")),
     "sm89": ArchEntry("sm89", True, "int8", "RTX 40xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                       "datasheet, not measured)", _ADA, 1 << 22),
-    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: FP8 P·V is the faster path at every head dim (1.2-1.3x "
-                      "FP16 P·V at N >= 16k; relative L1 ~0.038 vs ~0.010 for FP16 P·V, which pv='fp16' or "
-                      "calibration picks where a layer needs it)", _HOPPER, 8192 * 8192,
-                      # crossovers with cuDNN in the H200 grid (bench/results, kernel v7): full attention gains
-                      # from N=4096, causal from N=8192
-                      min_pairs_by={(128, False): 4096 * 4096, (64, False): 4096 * 4096,
+    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: full attention at head dims 64 and 128 takes FP16 P·V "
+                      "with rotated q and k in the warp-specialized kernel (relative L1 0.011 against FP8's 0.038, "
+                      "at 0.92-0.94x FP8's speed, H200); FP8 P·V elsewhere (causal, other head dims), where FP16 "
+                      "P·V runs the slower Triton kernel", _HOPPER, 8192 * 8192,
+                      # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
+                      # with FP8 P·V (kernel v7), from N=8192 with FP16 P·V at head dims 64/128 (v11: 596 / 441
+                      # TOPS against cuDNN's 636 / 451 at 4096, 674 / 498 against 601 / 443 at 8192), causal from
+                      # N=8192
+                      min_pairs_by={(128, False): 8192 * 8192, (64, False): 8192 * 8192,
                                     (32, False): 4096 * 4096,
                                     # head dim 256 (64x64 tiles, no bulk copies): 342 TOPS against cuDNN's 641 at
                                     # N=16k (H200, v9.1): sage_sdpa keeps SDPA at every length
@@ -120,7 +127,10 @@ ARCHES = {
                       # FP8's own error (0.031-0.038) leaves no room for sparsity's under 0.03
                       sparse_pv="fp16",
                       # H200 hd128 N=32k: fp8 854, fp16 611, fine 573, int8 477 TOPS (bench/results, v10)
-                      pv_order=("fp8", "fp16", "fine", "int8")),
+                      pv_order=("fp8", "fp16", "fine", "int8"),
+                      # H200, v11 (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k, meets
+                      # every accuracy target of issue 14 at 0.92x FP8 and >= SageAttention 2's speed
+                      pv_by={(64, False): "fp16", (128, False): "fp16"}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
@@ -205,12 +215,16 @@ def doctor() -> dict:
     else:
         info["arch"] = entry.name
         info["path"] = f"int8-{entry.pv_auto}pv"
+        if entry.pv_by:
+            info["path_by_head_dim"] = {f"{d}{' causal' if c else ' full'}": f"int8-{pv}pv"
+                                        for (d, c), pv in entry.pv_by.items()}
         info["why"] = entry.why
         info["sdpa_below_pairs"] = entry.min_pairs
         if entry.min_total_pairs:
             info["sdpa_below_pairs_over_batch_and_heads"] = entry.min_total_pairs
-        ws_dims = sorted(d for (d, pv), t in entry.tiles.items() if t.ws is not None and pv == "fp8")
-        if ws_dims:
+        ws_dims = {pv: sorted(d for (d, p), t in entry.tiles.items() if t.ws is not None and p == pv)
+                   for pv in ("fp8", "fp16")}
+        if any(ws_dims.values()):
             info["warp_specialized_full_attention"] = _ws_status(ws_dims)
         if entry.min_pairs_by:
             info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": "always" if n == NEVER
@@ -240,7 +254,8 @@ def _ws_status(dims) -> str:
     except (ImportError, AttributeError) as e:
         return f"off: this Triton has no usable Gluon ({e})"
     if _attention_ws.usable():
-        return f"on for FP8 full attention at head dim {', '.join(map(str, dims))}"
+        return "on for full attention: " + "; ".join(f"{pv.upper()} P·V at head dim {', '.join(map(str, d))}"
+                                                     for pv, d in dims.items() if d)
     return (f"off: {_attention_ws.ENV}=0" if os.environ.get(_attention_ws.ENV) == "0" else
             f"off: measured with Triton {', '.join(v + 'x' for v in _attention_ws.TESTED_TRITON)} "
             f"({_attention_ws.ENV}=1 turns it on)")

@@ -15,9 +15,10 @@
   launch.
 - INT8 P·V path (pv="int8"): v as INT8 with a scale per key block and channel, computed by the program that
   quantizes the block (no pass before the launch), and that block's int32 column sums, stored as int16 (|sum| <=
-  127·128); k per token; q and k rotated first by a block-Hadamard matrix (rotation_width: exact in exact
-  arithmetic, since (qH)·(kH) = ROT·q·k, it spreads a channel that carries a large offset over the block, so
-  no one channel sets a token's scale).
+  127·128); k per token.
+- Every path but FP8 (rotation_for): q and k rotated first by a block-Hadamard matrix (exact in exact arithmetic,
+  since (qH)·(kH) = ROT·q·k; it spreads a channel that carries a large offset over the block, so no one channel
+  sets a token's scale: relative L1 0.061 -> 0.023 on such inputs with FP16 P·V, bench/NOTES.md v11).
 
 Where q, k, v are handed over (`quantize_taking`), the same kernel runs once per tensor instead, so that each 16-bit
 tensor can be freed as soon as its own launch is queued.
@@ -246,11 +247,18 @@ def quant_warps(head_dim_bucket: int) -> int:
 
 
 def rotation_width(D: int) -> int:
-    """Width of the block-Hadamard rotation of q and k on the INT8 P·V path: the largest power of two dividing the
-    head dim (blocks must not straddle it), at most 64: 128-wide blocks spilled 272-736 B in the quantization
-    kernel at head dim 256 (bench/arch_check.py), and at head dim 128 the v10 study measured 64 as accurate as
-    the whole head (bench/NOTES.md). 1: none."""
+    """Width of the block-Hadamard rotation of q and k: the largest power of two dividing the head dim (blocks must
+    not straddle it), at most 64: 128-wide blocks spilled 272-736 B in the quantization kernel at head dim 256
+    (bench/arch_check.py), and at head dim 128 the v10 study measured 64 as accurate as the whole head
+    (bench/NOTES.md). 1: none."""
     return min(D & -D, 64)
+
+
+def rotation_for(pv: str, D: int) -> int:
+    """The rotation width a P·V path quantizes q and k with: every path but FP8, the speed-first one (the rotation
+    doubles the quantization pass's time, ~1.5% of a call at N=32k on the H200, and FP8's own P and V rounding
+    dominates its error)."""
+    return 1 if pv == "fp8" else rotation_width(D)
 
 
 def _ceil(n: int, m: int) -> int:

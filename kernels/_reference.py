@@ -8,7 +8,7 @@ import math
 import torch
 
 from ._attention import P_SHIFT_FP8, P_SHIFT_INT8
-from ._quant import FP8_MAX, LOG2E, SAMPLE, rotation_width
+from ._quant import FP8_MAX, LOG2E, SAMPLE, rotation_for
 
 
 def _round_int8(x):
@@ -70,7 +70,7 @@ def attention(q, k, v, *, is_causal=False, scale=None, pv="fp16", block_n=64):
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     fp8_v, int8_v, k_token = pv == "fp8", pv == "int8", pv in ("fine", "int8")
-    rot = rotation_width(D) if int8_v else 1
+    rot = rotation_for(pv, D)
     q8, qs, k8, ks, kmean, v8, vs = quantize(q, k, v, scale=scale, block_n=block_n, fp8_v=fp8_v, k_token=k_token,
                                              int8_v=int8_v, rot=rot)
     g = Hq // Hkv

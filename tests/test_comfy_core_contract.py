@@ -645,7 +645,7 @@ def test_quantize_taking_matches_quantize_and_empties_the_list(pv):
     q, k, v = (torch.randn(1, h, 80, 32, generator=g).to(DEV, torch.bfloat16) for h in (4, 2, 2))
     dims = (1, 4, 2, 80, 80, 32, 32)
     kw = dict(dims=dims, scale=0.2, block_m=32, block_n=32, fp8_v=pv == "fp8", int8_v=pv == "int8",
-              k_token=pv == "int8", rot=_quant.rotation_width(32) if pv == "int8" else 1)
+              k_token=pv == "int8", rot=_quant.rotation_for(pv, 32))
     lse_a, lse_b = torch.zeros(1, 4, 80), torch.zeros(1, 4, 80)
     a = _quant.quantize(q, k, v, lse=lse_a, **kw)
     src = [q.clone(), k.clone(), v.clone()]

@@ -179,7 +179,7 @@ def test_extra_memory_is_under_six_tenths_of_qkv(arch, pv):
         tile = _arch.ARCHES[arch].tiles[(_arch.head_dim_bucket(D), pv)]
         qz = _quant.quantize(q, k, v, dims=(1, 2, 2, 256, 256, D, _arch.head_dim_bucket(D)), scale=1.0,
                              block_m=tile.block_m, block_n=tile.block_n, fp8_v=pv == "fp8", int8_v=pv == "int8",
-                             k_token=pv == "int8", rot=_quant.rotation_width(D) if pv == "int8" else 1)
+                             k_token=pv == "int8", rot=_quant.rotation_for(pv, D))
         extra = sum(t.numel() * t.element_size() for t in vars(qz).values() if t is not None)
         assert extra <= 0.6 * 3 * q.numel() * q.element_size(), D
 
@@ -199,16 +199,17 @@ def test_model_meets_accuracy_targets_at_anchor_size():
 
 
 @pytest.mark.parametrize("kind", list(INT8_TARGETS))
-def test_int8_model_meets_v10_targets_at_anchor_size(kind):
+def test_int8_and_fp16_models_meet_v10_targets_at_anchor_size(kind):
     """INT8 P·V's arithmetic at N=4096, head dim 64 (its hardest: the rotation spreads q's outlier over 64
-    channels), at sm90's 128-key blocks and the 64 of the other arches; the same through the kernel on a GPU
-    (test_kernels_gpu.py). bench/NOTES.md v10 has the full grid."""
+    channels), at sm90's 128-key blocks and the 64 of the other arches; and FP16 P·V with rotated q and k at sm90's
+    blocks, its `auto` in full attention (on these inputs qoutlier measures 0.0294: the cell with the least margin,
+    bench/NOTES.md v11). The same through the kernels on a GPU (test_kernels_gpu.py)."""
     dtype = torch.bfloat16 if kind in ("qoutlier", "onehot") else torch.float16
     q, k, v = make_qkv(1, 8, 8, 4096, 4096, 64, dtype=dtype, kind=kind, seed=7)
     ref, _ = exact(q, k, v)
-    for block_n in (64, 128):
-        out, _ = _reference.attention(q, k, v, pv="int8", block_n=block_n)
-        assert rel_l1(out, ref) < INT8_TARGETS[kind], (kind, block_n)
+    for pv, block_n in (("int8", 64), ("int8", 128), ("fp16", 128)):
+        out, _ = _reference.attention(q, k, v, pv=pv, block_n=block_n)
+        assert rel_l1(out, ref) < INT8_TARGETS[kind], (kind, pv, block_n)
 
 
 def test_fine_variant_holds_keys_with_token_outliers():
@@ -364,47 +365,54 @@ def test_custom_op_fake_shapes_compile_and_backward():
 
 
 def test_warp_specialized_kernel_routing(monkeypatch):
-    """Which calls the sm90 warp-specialized kernel takes (full attention, FP8 P·V, head dim without padding, bulk
-    copies, a tested Triton, COMFY_SAGE_WS not 0), and that _forward hands it the tile's settings and the LSE. The
-    kernel is Gluon, which the interpreter does not run: here a stand-in runs the Triton kernel on the same
-    quantized inputs; tests/test_kernels_gpu.py compares the real one on a GPU."""
+    """Which calls the sm90 warp-specialized kernel takes (full attention, FP8 or FP16 P·V, head dim without padding,
+    bulk copies, a 16-bit v with 16-byte rows, a tested Triton, COMFY_SAGE_WS not 0), and that _forward hands it the
+    tile's settings, v where P·V is 16-bit, and the LSE. The kernel is Gluon, which the interpreter does not run:
+    here a stand-in runs the Triton kernel on the same quantized inputs; tests/test_kernels_gpu.py compares the real
+    one on a GPU."""
     ws = _arch.WarpSpec(3, 2, 128)
     tile = _arch.Tile(32, 32, 4, 1, True, None, ws)
+    v16 = torch.empty(1, 2, 70, 64, dtype=torch.bfloat16)
     try:
         from comfy_sage.kernels import _attention_ws
     except (ImportError, AttributeError) as e:  # a Triton without Gluon (< 3.4) or with another Gluon API
-        assert _api._warp_specialized(tile, False, True, 64, 64) is None
+        assert _api._warp_specialized(tile, False, "fp8", 64, 64) is None
         pytest.skip(f"this Triton cannot import the Gluon kernel ({e!r}): checked only that calls run the Triton one")
     monkeypatch.delenv(_attention_ws.ENV, raising=False)
     monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: True)
-    assert _api._warp_specialized(tile, False, True, 64, 64)
-    for args in [(True, True, 64, 64), (False, False, 64, 64), (False, True, 40, 64)]:
-        assert not _api._warp_specialized(tile, *args), args
-    assert not _api._warp_specialized(_arch.Tile(32, 32, 4, 1, False, None, ws), False, True, 64, 64)
-    assert not _api._warp_specialized(TILE, False, True, 64, 64)
+    assert _api._warp_specialized(tile, False, "fp8", 64, 64)
+    assert _api._warp_specialized(tile, False, "fp16", 64, 64, v=v16)
+    for args in [(True, "fp8", 64, 64), (False, "fine", 64, 64), (False, "int8", 64, 64), (False, "fp8", 40, 64)]:
+        assert not _api._warp_specialized(tile, *args, v=v16), args
+    assert not _api._warp_specialized(tile, False, "fp16", 64, 64)  # no v: nothing to copy from
+    assert not _api._warp_specialized(tile, False, "fp16", 64, 64, v=v16[..., 1:63])  # rows not 16-byte aligned
+    assert not _api._warp_specialized(tile, False, "fp16", 64, 64, v=v16.float())
+    assert not _api._warp_specialized(_arch.Tile(32, 32, 4, 1, False, None, ws), False, "fp8", 64, 64)
+    assert not _api._warp_specialized(TILE, False, "fp8", 64, 64)
     monkeypatch.setenv(_attention_ws.ENV, "0")
-    assert not _api._warp_specialized(tile, False, True, 64, 64)
+    assert not _api._warp_specialized(tile, False, "fp8", 64, 64)
     monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: False)
     monkeypatch.setenv(_attention_ws.ENV, "")
-    assert not _api._warp_specialized(tile, False, True, 64, 64)
+    assert not _api._warp_specialized(tile, False, "fp8", 64, 64)
     monkeypatch.setenv(_attention_ws.ENV, "1")
-    assert _api._warp_specialized(tile, False, True, 64, 64)
+    assert _api._warp_specialized(tile, False, "fp8", 64, 64)
 
     calls = []
 
-    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg):
-        calls.append((consumers, stages, maxnreg, lse is not None))
-        _attention.attention(qz, qz.v8, out, lse, dims=dims, block_m=block_m, block_n=block_n, causal=False,
-                             fp8_v=True, num_warps=4, num_stages=1)
+    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None):
+        calls.append((consumers, stages, maxnreg, lse is not None, v is None))
+        _attention.attention(qz, qz.v8 if v is None else v, out, lse, dims=dims, block_m=block_m, block_n=block_n,
+                             causal=False, fp8_v=v is None, num_warps=4, num_stages=1)
 
     monkeypatch.setattr(_attention_ws, "attention", stand_in)
     q, k, v = make_qkv(1, 2, 2, 40, 70, 64, device=DEV, seed=3)
-    out, lse = _api._forward(q, k, v, "HND", False, None, "fp8", True, tile=tile)
-    ref, ref_lse = _api._forward(q, k, v, "HND", False, None, "fp8", True, tile=TILE)
-    assert calls == [(3, 2, 128, True)]
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing still applies
+    for pv in ("fp8", "fp16"):
+        out, lse = _api._forward(q, k, v, "HND", False, None, pv, True, tile=tile)
+        ref, ref_lse = _api._forward(q, k, v, "HND", False, None, pv, True, tile=TILE)
+        assert calls[-1] == (3, 2, 128, True, pv == "fp8")
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing applies
     _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("D,row", [(72, 80), (40, 40), (17, 17), (136, 144)])

@@ -103,7 +103,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     rows = result["speed"]
-    names = [k for k in rows[0] if isinstance(rows[0][k], list) and k != "quant"]
+    names = [k for k in rows[0] if isinstance(rows[0][k], list) and not k.startswith("quant")]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):

@@ -116,27 +116,10 @@ def _cudnn(q, k, v):
 
 
 def plot(path):
-    """Median TOPS of each method per shape, as bars, next to the JSON."""
-    import matplotlib
+    """The speed table of a result JSON as bars (exp_sm90's plot), next to it."""
+    from .exp_sm90 import plot as bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = json.load(open(path))
-    rows = res["speed"]
-    names = [k for k in rows[0] if isinstance(rows[0][k], list) and not k.startswith("quant")]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        med = [sorted(r[name])[len(r[name]) // 2] if isinstance(r.get(name), list) else 0 for r in rows]
-        ax.bar([x + i * width for x in range(len(rows))], med, width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-    ax.set_xticklabels([f"hd{r['D']} N={r['N']} H={r['H']}" for r in rows], fontsize=8)
-    ax.set_ylabel("TOPS, quantization included (median of rounds)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{res['gpu']}: 16-bit P·V in the warp-specialized kernel, one process")
-    fig.tight_layout()
-    fig.savefig(path.rsplit(".", 1)[0] + ".png", dpi=110)
+    bars(json.load(open(path)), path.rsplit(".", 1)[0] + ".png")
 
 
 def main():
