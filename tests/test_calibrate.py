@@ -50,11 +50,13 @@ def test_planted_outliers_measure_far_worse_than_randn():
         for pv in ("fp8", "fp16", "fine"):
             assert errs[pv] > 3 * BUDGET and errs[pv] > 5 * base[pv], (errs, base)
     # sparser outlier keys: per-token K scales ("fine") cost only those keys, a shared scale costs every key it
-    # covers (a quarter of a key block: each lane quad has its own scale)
+    # covers (a quarter of a key block: each lane quad has its own scale). Both rotate q and k, which spreads the
+    # outlier channel over the head and so helps both (fp16 0.42 -> 0.29, fine 0.21 -> 0.20 here, unrotated ->
+    # rotated): fine keeps its edge, smaller
     sparse = k.clone()
     sparse[:, :, ::17, 4] = 1000.0
     few = variant_errors(qz, sparse, v)
-    assert few["fine"] < few["fp16"] / 1.8, few
+    assert few["fine"] < few["fp16"] / 1.3, few
 
 
 @pytest.mark.parametrize("causal,hq,hkv", [(False, 2, 2), (True, 2, 2), (False, 4, 2)])
@@ -105,11 +107,12 @@ def test_measuring_is_not_counted():
 def test_candidates_follow_the_arch(monkeypatch):
     """The arch's pv="auto" choice (per head dim) is tried first, then its other paths fastest first, FP8 only
     where the GPU has it."""
-    fp8_gpu = _arch.ArchEntry("fake", True, "fp8", "", {}, 0, {64: "fp16"},  # FP16 preferred at head dim <= 64
+    fp8_gpu = _arch.ArchEntry("fake", True, "fp8", "", {}, 0, pv_by={(64, False): "fp16"},  # FP16 at head dim <= 64
                               pv_order=("fp8", "fp16", "fine", "int8"))
     monkeypatch.setattr(_arch, "arch_of", lambda device: fp8_gpu)
     assert cal.candidates("cuda", 128) == ("fp8", "fp16", "fine", "int8")
     assert cal.candidates("cuda", 64) == ("fp16", "fp8", "fine", "int8")
+    assert fp8_gpu.pv_for(64, causal=True) == "fp8" and fp8_gpu.pv_for(40) == "fp16"  # 40 runs padded to 64
     assert cal.candidates("cuda", 128, pv="fp16") == ("fp16", "fine")
     assert cal.candidates("cuda", 128, pv="int8") == ("int8", "fine")
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm80"])

@@ -304,7 +304,8 @@ def test_containers_run_8bit_like_plain_tensors_and_free_them_before_the_output_
 def test_a_scale_from_core_reaches_the_kernel(core):
     """Current core's attention functions take `scale`; so does ours."""
     out = site_call(core, apply(Patcher()), "bld", scale=0.5)[0].float()
-    assert (out - exact(*qkv("bld"), HEADS, scale=0.5).float()).abs().max() < 0.05
+    ref = exact(*qkv("bld"), HEADS, scale=0.5).float()
+    assert (out - ref).abs().sum() / ref.abs().sum() < 0.02 and (out - ref).abs().max() < 0.08
     assert (out - exact(*qkv("bld"), HEADS).float()).abs().max() > 0.1
 
 

@@ -162,14 +162,15 @@ def test_int8_quantization_matches_model():
 @pytest.mark.parametrize("kind", ["qoutlier", "onehot"])
 def test_int8_holds_the_hard_inputs(kind):
     """A q channel with a large offset (the rotation spreads it) and near one-hot rows (P at each block's max keeps
-    8 bits): pv="int8" beats FP8 P·V on both and FP16 P·V on the outlier (kernel, through the interpreter)."""
+    8 bits): pv="int8" beats FP8 P·V on both; on the outlier so does FP16 P·V, rotated too (kernel, through the
+    interpreter)."""
     q, k, v = make_qkv(1, 2, 2, 64, 256, 64, dtype=torch.bfloat16, device=DEV, kind=kind, seed=9)
     ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
     errs = {pv: rel_l1(_api._forward(q, k, v, "HND", False, None, pv, False, tile=TILE)[0].cpu(), ref)
             for pv in ("fp16", "fp8", "int8")}
     assert errs["int8"] < errs["fp8"] / 1.3, errs
     if kind == "qoutlier":
-        assert errs["int8"] < errs["fp16"] / 1.3, errs
+        assert errs["fp16"] < errs["fp8"] / 1.3, errs
 
 
 @pytest.mark.parametrize("arch,pv", [("sm90", "fp8"), ("sm90", "int8"), ("sm86", "int8")])
@@ -215,14 +216,15 @@ def test_int8_and_fp16_models_meet_v10_targets_at_anchor_size(kind):
 def test_fine_variant_holds_keys_with_token_outliers():
     # A few keys carry huge values in channels the queries leave at zero (harmless to exact attention): with one
     # scale per key block every other key of those blocks loses its precision; with one per key ("fine") only
-    # the outlier keys do.
+    # the outlier keys do. The rotation of q and k (both paths) spreads those channels and halves both errors
+    # (the torch model: fp16 0.31 -> 0.09, fine 0.098 -> 0.048)
     q, k, v = make_qkv(1, 2, 2, 64, 256, 64, device=DEV, seed=5)
     q, k = q.clone(), k.clone()
     q[..., :2] = 0
     k[:, :, ::37, :2] = 300
     ref, _ = exact(q.cpu(), k.cpu(), v.cpu())
     errs = {pv: rel_l1(sage_attention(q, k, v, pv=pv).cpu(), ref) for pv in ("fp16", "fine")}
-    assert errs["fine"] < errs["fp16"] / 3, errs
+    assert errs["fine"] < errs["fp16"] / 1.5 and errs["fine"] < 0.06, errs
     assert list(kernels.counters()).count("int8-fine") == 1
 
 
@@ -275,14 +277,16 @@ def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
 
 
 def test_short_sequence_threshold_depends_on_head_dim_causal_and_total_work(monkeypatch):
-    # the sm90 table: full attention gains from N=4096, causal from 8192, and only with at least 7e8 query-key
-    # pairs over batch and heads (Flux at 1024², 24 heads of 4608 tokens, stays SDPA)
+    # the sm90 table: full attention at head dims 64/128 (FP16 P·V) gains from N=8192, at other head dims (FP8)
+    # from 4096, causal from 8192, and only with at least 7e8 query-key pairs over batch and heads (24 heads of
+    # 4608 tokens, Flux at 1024², stays SDPA)
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
-    for B, H, D, N, causal, applies in ((1, 96, 128, 4096, False, True), (1, 96, 128, 2048, False, False),
+    for B, H, D, N, causal, applies in ((1, 96, 128, 8192, False, True), (1, 96, 128, 4096, False, False),
                                         (1, 96, 128, 4096, True, False), (1, 24, 128, 8192, True, True),
-                                        (1, 128, 64, 4096, False, True), (1, 128, 64, 4096, True, False),
-                                        (1, 24, 128, 4608, False, False), (1, 40, 128, 4096, False, False),
-                                        (2, 24, 128, 4608, False, True)):
+                                        (1, 128, 64, 8192, False, True), (1, 128, 64, 4096, False, False),
+                                        (1, 128, 64, 4096, True, False), (1, 96, 32, 4096, False, True),
+                                        (1, 96, 32, 2048, False, False), (1, 24, 32, 4608, False, False),
+                                        (1, 40, 32, 4096, False, False), (2, 24, 32, 4608, False, True)):
         q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
         why = kernels.fallback_reason(q, q, q, is_causal=causal)
         assert (why is None) == applies, (B, H, D, N, causal, why)
