@@ -128,9 +128,7 @@ def _path_key(config, v, pv):
         return config
     if v.stride(-1) != 1:
         return (*config, "v:copied")
-    es = v.element_size()
-    aligned = v.data_ptr() % 16 == 0 and not any(s * es % 16 for s in v.stride()[:3])
-    return (*config, "v:aligned" if aligned else "v:unaligned")
+    return (*config, "v:aligned" if _arch.bulk_copyable(v) else "v:unaligned")
 
 
 def _run(qkv: list, layout, is_causal, scale, pv, return_lse, tile=None, sparse=None, owned=False):

@@ -109,7 +109,7 @@ ARCHES = {
                       "datasheet, not measured)", _ADA, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: full attention at head dims 64 and 128 takes FP16 P·V "
                       "with rotated q and k in the warp-specialized kernel (relative L1 0.011 against FP8's 0.038, "
-                      "at 0.92-0.94x FP8's speed, H200); FP8 P·V elsewhere (causal, other head dims), where FP16 "
+                      "at 0.88-0.93x FP8's speed, H200); FP8 P·V elsewhere (causal, other head dims), where FP16 "
                       "P·V runs the slower Triton kernel", _HOPPER, 8192 * 8192,
                       # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
                       # with FP8 P·V (kernel v7), from N=8192 with FP16 P·V at head dims 64/128 (v11: 596 / 441
@@ -128,8 +128,9 @@ ARCHES = {
                       sparse_pv="fp16",
                       # H200 hd128 N=32k: fp8 854, fp16 611, fine 573, int8 477 TOPS (bench/results, v10)
                       pv_order=("fp8", "fp16", "fine", "int8"),
-                      # H200, v11 (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k, meets
-                      # every accuracy target of issue 14 at 0.92x FP8 and >= SageAttention 2's speed
+                      # H200, v11 grid (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k,
+                      # meets every accuracy target of issue 14 at 0.88-0.93x FP8 (1.01-1.04x SageAttention 2 at
+                      # N=8k-16k, 0.96x at 32k)
                       pv_by={(64, False): "fp16", (128, False): "fp16"}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),
@@ -138,6 +139,13 @@ ARCHES = {
                            _tiles(Tile(32, 32, 4, 1), Tile(32, 32, 4, 1), Tile(16, 32, 4, 1)), 0, sparse_pv="fp16",
                            pv_order=("fp8", "fp16", "fine", "int8")),
 }
+
+
+def bulk_copyable(t) -> bool:
+    """Whether sm90's bulk-copy engine (tensor descriptors) can read this [B, H, N, D] view in place: 16-byte
+    aligned base and strides (the last dim contiguous)."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and not any(s * es % 16 for s in t.stride()[:3])
 
 
 def interpreting() -> bool:

@@ -220,6 +220,8 @@ def _descriptors(qz, v, dims, block_m, block_n, v8):
     """Tensor descriptors for the bulk-copy path, or None where a tensor's strides do not allow it."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from ._arch import bulk_copyable
+
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     q8, k8 = qz.q8, qz.k8
     if q8.shape[3] % 16:
@@ -230,8 +232,7 @@ def _descriptors(qz, v, dims, block_m, block_n, v8):
         v8 = qz.v8
         dv = TensorDescriptor(v8, [B * Hkv, D, v8.shape[3]], [D * v8.shape[3], v8.shape[3], 1], [1, DP, block_n])
     else:
-        es = v.element_size()
-        if v.data_ptr() % 16 or any(s * es % 16 for s in v.stride()[:3]):
+        if not bulk_copyable(v):
             return None
         dv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, DP])
     return dq, dk, dv

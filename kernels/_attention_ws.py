@@ -28,6 +28,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from ._arch import bulk_copyable
 from ._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
 
 FP8_SHIFT = gl.constexpr(P_SHIFT_FP8)
@@ -279,10 +280,8 @@ def usable() -> bool:
 
 
 def takes(v) -> bool:
-    """Whether the bulk-copy engine takes this 16-bit v ([B, Hkv, Nk, D] view): 16-byte aligned base and strides."""
-    es = v.element_size()
-    return v.dtype in (torch.float16, torch.bfloat16) and v.data_ptr() % 16 == 0 and not any(
-        st * es % 16 for st in v.stride()[:3])
+    """Whether this kernel reads v ([B, Hkv, Nk, D] view) in place: 16-bit, and the bulk-copy engine takes it."""
+    return v.dtype in (torch.float16, torch.bfloat16) and bulk_copyable(v)
 
 
 def _descriptors(qz, v, dims, block_m, block_n):
