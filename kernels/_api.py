@@ -12,8 +12,9 @@ LAYOUTS = ("HND", "NHD")
 PV_CHOICES = ("auto", "fp16", "fp8", "fine", "int8")
 # "fine": FP16 P·V with one K scale per token instead of per key block, the most accurate 8-bit variant (a
 # multiply more per score): what calibration tries before exact attention.
-# "int8": INT8 P·V (unsigned P at each key block's row max, V per key block and channel), per-token K scales, q and
-# k rotated by a block-Hadamard matrix: kernel v10's candidate (bench/NOTES.md), the 8-bit rate on every arch.
+# "int8": INT8 P·V (unsigned P at each key block's row max, V per key block and channel), per-token K scales: kernel
+# v10's candidate (bench/NOTES.md), the 8-bit rate on every arch. Every pv but "fp8" rotates q and k by a
+# block-Hadamard matrix in the quantization pass (_quant.rotation_for).
 # "sparse:keep=F" / "sparse:ratio=F": the block-sparse kernel (_sparse.py) on the arch's sparse_pv path.
 MAX_HEAD_DIM = 256
 
@@ -356,9 +357,10 @@ def sage_attention(q, k, v, *, layout="HND", is_causal=False, scale=None, return
     q: [B, Hq, Nq, D] (layout="HND") or [B, Nq, Hq, D] ("NHD"); k, v: [B, Hkv, Nk, D] with Hq % Hkv == 0.
     fp16/bf16 in → same dtype out; fp32 in → computed in 8/16-bit, returned as fp32. Causal masking follows
     SDPA (query i sees keys j <= i). With return_lse, also returns the natural-log LSE [B, Hq, Nq] in fp32.
-    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+), "auto" (per-arch table), "fine" (FP16 P·V
-    and per-token K scales: the most accurate 8-bit variant, which calibration picks before exact attention), or
-    "int8" (INT8 P·V with per-block V scales, per-token K scales and Hadamard-rotated Q and K), or
+    pv: "fp16" (16-bit P·V in the input's dtype), "fp8" (sm89+; the one path whose q and k are not rotated),
+    "auto" (per-arch table and head dim), "fine" (FP16 P·V and per-token K scales: the most accurate 8-bit variant,
+    which calibration picks before exact attention), or "int8" (INT8 P·V with per-block V scales and per-token K
+    scales), or
     "sparse:keep=F" / "sparse:ratio=F" (`sparse_attention` at that level, on the arch's sparse P·V path).
     """
     check_args(q, k, v, layout, pv, scale)
