@@ -222,9 +222,9 @@ def _spills(rows):
 
 
 def _int8_tiles_checked():
-    """The INT8 P·V path's tiles and the rotation's width were chosen from Triton 3.9's compiles: on 3.6 one
-    quantization config spills 8 B (sm80, head dim 72), on 3.2 the rotating ones (every pv but fp8) 8-480 B on
-    sm80-89 at head dims 72-256 (bench/results/arch-check-*)."""
+    """The INT8 P·V path's tiles and the rotation's width were chosen from Triton 3.9's compiles: on 3.6 four
+    rotating quantization configs spill 8 B (sm80 hd72 int8, sm80/86/89 hd80 fp16), on 3.2 the rotating ones
+    (every pv but fp8) 8-480 B on sm80-89 at head dims 72-256 (bench/results/arch-check-*)."""
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 
 
