@@ -1,8 +1,9 @@
 """16-bit P·V in the warp-specialized sm90 kernel (issue 14): its speed, quantization included, beside cuDNN, the
 package's FP8 and FP16 paths, and its accuracy on the four inputs of the accuracy table, with and without the
 block-Hadamard rotation of q and k. On a GPU: `OUT=dir python -m comfy_sage.bench.experiments.pv16_ws`.
-VARIANTS (JSON: name -> consumers, stages, maxnreg), NOCHECK=1, NOACC=1, ROUNDS. (The overlap and lazy
-variants of results b and c ran the kernel of commit 92c0a6a.)
+VARIANTS (JSON: name -> consumers, stages, maxnreg), NOCHECK=1, NOACC=1, ROUNDS. (Results a-c ran before
+pv="fp16" rotated q and k and took this kernel itself; the overlap and lazy variants of b and c ran the kernel of
+commit 92c0a6a. `fp16_triton` now forces the Triton kernel with COMFY_SAGE_WS=0.)
 `python -m comfy_sage.bench.experiments.pv16_ws --plot result.json` draws a result's speed table (no GPU needed)."""
 import json
 import os
@@ -33,6 +34,19 @@ def ws16(q, k, v, *, consumers, stages, maxnreg, rot=1, lse=False):
     return (out, ls) if lse else out
 
 
+def fp16_triton(q, k, v):
+    """The package's FP16 P·V through the Triton kernel (the warp-specialized one switched off for this call)."""
+    old = os.environ.get(_attention_ws.ENV)
+    os.environ[_attention_ws.ENV] = "0"
+    try:
+        return sage_attention(q, k, v, pv="fp16")
+    finally:
+        if old is None:
+            del os.environ[_attention_ws.ENV]
+        else:
+            os.environ[_attention_ws.ENV] = old
+
+
 def check(variants):
     """Against the package's Triton FP16 kernel and fp32: odd lengths, several CTAs, GQA, NHD views, the LSE."""
     rows = []
@@ -48,7 +62,7 @@ def check(variants):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=Hq != Hkv)
         lref = torch.logsumexp((q.float() @ k.float().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D ** -0.5,
                                -1)
-        o_t = sage_attention(q, k, v, pv="fp16")
+        o_t = fp16_triton(q, k, v)
         for name, kw in variants.items():
             try:
                 o, ls = ws16(q, k, v, lse=True, **kw)
@@ -74,7 +88,7 @@ def accuracy(kw):
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
             r = dict(D=D, kind=kind)
             r["fp8"] = metrics(sage_attention(q, k, v, pv="fp8"), ref)[1]
-            r["fp16_triton"] = metrics(sage_attention(q, k, v, pv="fp16"), ref)[1]
+            r["fp16_triton"] = metrics(fp16_triton(q, k, v), ref)[1]
             r["fine"] = metrics(sage_attention(q, k, v, pv="fine"), ref)[1]
             r["int8"] = metrics(sage_attention(q, k, v, pv="int8"), ref)[1]
             r["ws16"] = metrics(ws16(q, k, v, **kw), ref)[1]
@@ -87,7 +101,7 @@ def accuracy(kw):
 def speed(s, variants, rounds):
     q, k, v = inputs(s, "randn", dtype=torch.bfloat16)
     fns = {"cudnn": lambda: _cudnn(q, k, v), "fp8": lambda: sage_attention(q, k, v, pv="fp8"),
-           "fp16_triton": lambda: sage_attention(q, k, v, pv="fp16")}
+           "fp16_triton": lambda: fp16_triton(q, k, v)}
     D = s["D"]
     for name, kw in variants.items():
         fns["ws16_" + name] = (lambda kw: lambda: ws16(q, k, v, **kw))(kw)
