@@ -132,10 +132,11 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                     out.append(dict(attn, causal=causal))
                     if D in SPARSE_DIMS and pv == entry.sparse_pv:  # the block-sparse variant sparse calls run
                         out.append(dict(attn, causal=causal, sparse=True))
-                    # as _api._warp_specialized picks it: full attention, FP8 or FP16 P·V, an unpadded head dim, a
-                    # tma tile
-                    if ws and tile.ws is not None and tile.tma and pv in ("fp8", "fp16") and not causal and D == dp:
-                        out.append(dict(base, kernel="attn_ws", causal=False, num_warps=4, consumers=tile.ws.consumers,
+                    # as _api._warp_specialized picks it: FP8 or FP16 P·V, an unpadded head dim, a tma tile, causal
+                    # calls where the tile says so
+                    if (ws and tile.ws is not None and tile.tma and pv in ("fp8", "fp16") and D == dp
+                            and (tile.ws.causal or not causal)):
+                        out.append(dict(base, kernel="attn_ws", causal=causal, num_warps=4, consumers=tile.ws.consumers,
                                         ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg))
                 out += [dict(quant, lse=lse) for lse in (False, True)]
                 if D == BF16_DIM:  # a bf16 call that returns the LSE
@@ -229,7 +230,8 @@ def compile_one(c):
             ws = sass.kernel_module("_attention_ws")
             k = sass.compile_ws(ws._attn_ws_kernel, D=c["head_dim"], block_m=c["block_m"], block_n=c["block_n"],
                                 consumers=c["consumers"], stages=c["ws_stages"], maxnreg=c["maxnreg"],
-                                consumer_regs=ws.consumer_regs(c["consumers"], c["maxnreg"]), pv16=c["pv"] == "fp16")
+                                consumer_regs=ws.consumer_regs(c["consumers"], c["maxnreg"]), pv16=c["pv"] == "fp16",
+                                causal=c["causal"])
         r = sass.resources(k)
     except Exception as e:  # reported per config: one failing compile must not hide the others
         r = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]}

@@ -188,7 +188,8 @@ def compile_select(fn, *, arch, block_m, block_n, nkb, causal, self_attn, by_rat
     return _compile(fn, arch, types_, const, _options(warps))
 
 
-def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False, pv16=False):
+def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False, pv16=False,
+               causal=False):
     """_attention_ws._attn_ws_kernel (Gluon, sm90) as _attention_ws.attention launches it (pv16: 16-bit P·V on
     the user's v through a 4-D descriptor)."""
     import torch  # the descriptors' type strings come from Gluon's own descriptor class
@@ -207,7 +208,7 @@ def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_
               "v_desc": v, "O": "*fp16"}
     types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")})
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=store_lse, CONSUMERS=consumers, STAGES=stages,
-                 CONSUMER_REGS=consumer_regs, PV16=pv16)
+                 CONSUMER_REGS=consumer_regs, PV16=pv16, CAUSAL=causal)
     return _compile(fn, 90, types_, const, _options(4, maxnreg=maxnreg), source=_runtime.GluonASTSource)
 
 

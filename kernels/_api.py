@@ -83,10 +83,11 @@ def _to_hnd(t, layout):
 
 
 def _warp_specialized(tile, causal, pv, D, DP, config=(), v=None):
-    """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, full attention, FP8 or
-    FP16 P·V, a head dim needing no padding, bulk copies, a 16-bit `v` whose rows the bulk-copy engine takes, a
-    Triton it was measured with: _attention_ws.usable, and it has not failed here before), else None."""
-    if (tile.ws is None or causal or pv not in ("fp8", "fp16") or D != DP or not tile.tma
+    """The warp-specialized sm90 kernel's module where a call runs it (its tile names one, for causal calls too
+    where the call is causal, FP8 or FP16 P·V, a head dim needing no padding, bulk copies, a 16-bit `v` whose rows
+    the bulk-copy engine takes, a Triton it was measured with: _attention_ws.usable, and it has not failed here
+    before), else None."""
+    if (tile.ws is None or (causal and not tile.ws.causal) or pv not in ("fp8", "fp16") or D != DP or not tile.tma
             or _fallback.failed(("ws", *config))):
         return None
     try:
@@ -238,7 +239,7 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
                 try:
                     ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                                         block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
-                                        maxnreg=tile.ws.maxnreg, v=None if fp8_v else vh)
+                                        maxnreg=tile.ws.maxnreg, v=None if fp8_v else vh, causal=is_causal)
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class WarpSpec:
     """The warp-specialized sm90 kernel (_attention_ws.py): a producer warp and `consumers` warpgroups of the
-    tile's block_m rows each, `stages` K/V buffers, `maxnreg` registers per thread of the CTA's pool."""
+    tile's block_m rows each, `stages` K/V buffers, `maxnreg` registers per thread of the CTA's pool; `causal`:
+    causal calls run it too (else the Triton kernel)."""
     consumers: int
     stages: int
     maxnreg: int
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Tile:
     num_stages: int
     tma: bool = False  # tiles through tensor descriptors (sm90+)
     maxnreg: int | None = None  # register cap per thread: 168 lets three 4-warp CTAs share an SM
-    ws: WarpSpec | None = None  # full attention with FP8 or FP16 P·V at exactly this head dim runs _attention_ws.py
+    ws: WarpSpec | None = None  # FP8 or FP16 P·V at exactly this head dim runs _attention_ws.py
     # the cap where a tma tile runs pointer loads instead (no tensor descriptors before Triton 3.4; int8 rows that
     # are not 16-byte multiples): capped as for bulk copies, head dim 40 spilled and ran at 0.58x (FP16 P·V)
     pointer_maxnreg: int | None = None
@@ -82,13 +84,14 @@ _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8",
 # warps per SM, as three CTAs of the Triton kernel), three K/V stages: 7-10% over it on the H200 (bench/NOTES.md,
 # v9). At head dim 64 it measured 4% slower than the Triton kernel's four CTAs per SM: not used there.
 # On pointer loads the FP8 tile keeps its cap: 765 TOPS against 715 uncapped (H200, hd128, N=16k; v9.1 in NOTES).
-# FP16 P·V full attention at head dims 64 and 128: the same kernel with two stages (v11, H200 at N=32k: 786 / 551
-# TOPS against the Triton kernel's 625 / 489; three stages, two consumers, FlashAttention-3's in-warpgroup overlap
-# and a lazy rescale all measured slower).
+# FP16 P·V at head dims 64 and 128: the same kernel with two stages (v11, H200 at N=32k: 786 / 551 TOPS against
+# the Triton kernel's 625 / 489; three stages, two consumers, FlashAttention-3's in-warpgroup overlap and a lazy
+# rescale all measured slower), causal calls too (v12, H200, N=8k-32k: 1.14-1.21x the Triton kernel at head dim
+# 128, 0.98-1.08x at 64). FP8 causal stays on the Triton kernel (the warp-specialized one: 0.93-0.98x at 128).
 _HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128), pointer_maxnreg=168),
-                (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128))})
+                (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128, causal=True))})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
-_HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128, WarpSpec(3, 2, 128) if d == 64 else None)
+_HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128, WarpSpec(3, 2, 128, causal=True) if d == 64 else None)
                 for d in (32, 64)})
 # INT8 P·V (pv="int8"): the FP8 tiles without the warp-specialized kernel or a register cap (capped at 168, head
 # dim 128 spilled 280 B), until measured on the H200
@@ -107,15 +110,16 @@ ARCHES = {
                       "datasheet, not measured)", _AMPERE, 1 << 22, pv_order=("int8", "fp16", "fine")),
     "sm89": ArchEntry("sm89", True, "int8", "RTX 40xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                       "datasheet, not measured)", _ADA, 1 << 22),
-    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: full attention at head dims 64 and 128 takes FP16 P·V "
-                      "with rotated q and k in the warp-specialized kernel (relative L1 0.011 against FP8's 0.038, "
-                      "at 0.88-0.93x FP8's speed, H200); FP8 P·V elsewhere (causal, other head dims), where FP16 "
-                      "P·V runs the slower Triton kernel", _HOPPER, 8192 * 8192,
+    "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: head dims 64 and 128 (full and causal) take FP16 P·V "
+                      "with rotated q and k in the warp-specialized kernel (relative L1 0.010-0.011 against FP8's "
+                      "0.037, at 0.88-0.95x FP8's speed, H200); FP8 P·V at other head dims, where FP16 P·V runs "
+                      "the slower Triton kernel", _HOPPER, 8192 * 8192,
                       # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
                       # with FP8 P·V (kernel v7), from N=8192 with FP16 P·V at head dims 64/128 (v11: 596 / 441
                       # TOPS against cuDNN's 636 / 451 at 4096, 674 / 498 against 601 / 443 at 8192), causal from
-                      # N=8192
-                      min_pairs_by={(128, False): 8192 * 8192, (64, False): 8192 * 8192,
+                      # N=8192, but from 16384 at head dim 64 with FP16 P·V (v12: 419 against cuDNN's 437 at 8192,
+                      # 472 against 447 at 16384)
+                      min_pairs_by={(128, False): 8192 * 8192, (64, False): 8192 * 8192, (64, True): 16384 * 16384,
                                     (32, False): 4096 * 4096,
                                     # head dim 256 (64x64 tiles, no bulk copies): 342 TOPS against cuDNN's 641 at
                                     # N=16k (H200, v9.1): sage_sdpa keeps SDPA at every length
@@ -130,8 +134,9 @@ ARCHES = {
                       pv_order=("fp8", "fp16", "fine", "int8"),
                       # H200, v11 grid (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k,
                       # meets every accuracy target of issue 14 at 0.88-0.93x FP8 (1.01-1.04x SageAttention 2 at
-                      # N=8k-16k, 0.96x at 32k)
-                      pv_by={(64, False): "fp16", (128, False): "fp16"}),
+                      # N=8k-16k, 0.96x at 32k); causal too from v12 (0.93-0.97x FP8 on the Triton kernel at
+                      # N >= 16k)
+                      pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
@@ -230,10 +235,11 @@ def doctor() -> dict:
         info["sdpa_below_pairs"] = entry.min_pairs
         if entry.min_total_pairs:
             info["sdpa_below_pairs_over_batch_and_heads"] = entry.min_total_pairs
-        ws_dims = {pv: sorted(d for (d, p), t in entry.tiles.items() if t.ws is not None and p == pv)
-                   for pv in ("fp8", "fp16")}
+        ws_dims = {(pv, causal): sorted(d for (d, p), t in entry.tiles.items()
+                                        if t.ws is not None and p == pv and (t.ws.causal or not causal))
+                   for pv in ("fp8", "fp16") for causal in (False, True)}
         if any(ws_dims.values()):
-            info["warp_specialized_full_attention"] = _ws_status(ws_dims)
+            info["warp_specialized"] = _ws_status(ws_dims)
         if entry.min_pairs_by:
             info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": "always" if n == NEVER
                                                            else n for (d, c), n in entry.min_pairs_by.items()}
@@ -262,8 +268,8 @@ def _ws_status(dims) -> str:
     except (ImportError, AttributeError) as e:
         return f"off: this Triton has no usable Gluon ({e})"
     if _attention_ws.usable():
-        return "on for full attention: " + "; ".join(f"{pv.upper()} P·V at head dim {', '.join(map(str, d))}"
-                                                     for pv, d in dims.items() if d)
+        return "on: " + "; ".join(f"{pv.upper()} P·V {'causal' if causal else 'full'} at head dim "
+                                  f"{', '.join(map(str, d))}" for (pv, causal), d in dims.items() if d)
     return (f"off: {_attention_ws.ENV}=0" if os.environ.get(_attention_ws.ENV) == "0" else
             f"off: measured with Triton {', '.join(v + 'x' for v in _attention_ws.TESTED_TRITON)} "
             f"({_attention_ws.ENV}=1 turns it on)")

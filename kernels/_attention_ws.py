@@ -1,4 +1,4 @@
-"""sm90 full attention with FP8 or 16-bit P·V in Gluon (Triton's explicit dialect), warp-specialized as
+"""sm90 attention (full or causal) with FP8 or 16-bit P·V in Gluon (Triton's explicit dialect), warp-specialized as
 FlashAttention-3 is.
 
 Same arithmetic as _attention.py on the same quantized inputs (the MAGIC int->float conversion, K scales per key
@@ -14,7 +14,11 @@ three `bar.sync` per key block in _attention.py's loop (19% of a warp's cycles, 
 keeps one warpgroup-wide barrier before each mbarrier wait and arrive (two per block). Row sums add P in FP32:
 the ones-tile MMA of _attention.py gave wrong sums in Gluon.
 
-Used where the sm90 table gives a tile `ws` (full attention, FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
+Causal: each warpgroup stops at the key block holding its last row's key (only that block and the tail are
+masked) and releases the blocks it does not need as they arrive, so that the ring's count stays the same; the
+longest tiles run first.
+
+Used where the sm90 table gives a tile `ws` (FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
 copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with; everything
 else runs _attention.py. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against
 _attention.py on the GPU.
@@ -61,8 +65,25 @@ def quad_rows(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _tile_m(CAUSAL: gl.constexpr):
+    """The CTA's query tile. Causal tiles run in reverse: the longest (the last rows see every key) start first
+    and the shortest fill the last wave."""
+    if CAUSAL:
+        return gl.num_programs(0) - 1 - gl.program_id(0)
+    return gl.program_id(0)
+
+
+@gluon.jit
+def _key_blocks(row_end, Nk, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key blocks rows below row_end read: every one, or (causal) up to the one holding key row_end − 1."""
+    if CAUSAL:
+        return (gl.minimum(Nk, row_end) + BLOCK_N - 1) // BLOCK_N
+    return (Nk + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
 def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMERS: gl.constexpr,
-              STAGES: gl.constexpr, PV16: gl.constexpr):
+              STAGES: gl.constexpr, PV16: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: the consumers' Q tiles once, then K and V block by block into the next stage of the ring once
     the consumers have released it."""
     q_desc, k_desc, v_desc = descs
@@ -70,7 +91,7 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
     k_smem, v_smem = kv_smem
     q_bar, ready, empty = bars
     Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad = sizes
-    pid_m = gl.program_id(0)
+    pid_m = _tile_m(CAUSAL)
     bh = gl.program_id(1)
     bhk = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
     D: gl.constexpr = q_desc.block_type.shape[1]
@@ -81,7 +102,7 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
                                         q_smem.index(i))
     KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
     Hkv = Hq // GROUP
-    for j in range((Nk + BLOCK_N - 1) // BLOCK_N):
+    for j in range(_key_blocks((pid_m + 1) * CONSUMERS * BLOCK_M, Nk, BLOCK_N, CAUSAL)):
         s = j % STAGES
         # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
@@ -95,14 +116,20 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
 
 
 @gluon.jit
-def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constexpr, P_SHIFT: gl.constexpr):
+def _softmax(j, s, m_i, ks, c_q, ks_ptr, row0, n_blocks, Nk, MASKED: gl.constexpr, P_SHIFT: gl.constexpr,
+             CAUSAL: gl.constexpr):
     """Key block j's Q·Kᵀ accumulator to P: (the new row max, P in FP32, the old max's factor, the next block's K
     scales)."""
     BLOCK_M: gl.constexpr = s.shape[0]
     BLOCK_N: gl.constexpr = s.shape[1]
     s = (s + MAGIC_BITS).to(gl.float32, bitcast=True)  # MAGIC + Q·K
-    if MASKED:
-        s = gl.where((j * BLOCK_N + cols0)[None, :] < Nk, s, float("-inf"))
+    if MASKED:  # indices made here, not held across the unmasked loop (they would take 32 registers there)
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s.type.layout))
+        keep = cols[None, :] < Nk
+        if CAUSAL:  # block 0 holds key 0, which every row sees: no row's max stays -inf
+            rows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s.type.layout))
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = gl.where(keep, s, float("-inf"))
     s = s.reshape([BLOCK_M, BLOCK_N // 8, 4, 2])
     c = c_q[:, None] * ks[None, :]
     ks = gl.load(ks_ptr + gl.minimum(j + 1, n_blocks - 1) * 4)  # the next block's scales, loaded a block early
@@ -114,14 +141,14 @@ def _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED: gl.constex
 
 
 @gluon.jit
-def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-           MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
-           o_layout: gl.constexpr, P_SHIFT: gl.constexpr, PV16: gl.constexpr):
+def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, row0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks,
+           Nk, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
+           o_layout: gl.constexpr, P_SHIFT: gl.constexpr, PV16: gl.constexpr, CAUSAL: gl.constexpr):
     """Key block j for one consumer warpgroup."""
     st = j % STAGES
     mbarrier.wait(ready.index(st), (j // STAGES) & 1)
     s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
-    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, cols0, n_blocks, Nk, MASKED, P_SHIFT)
+    m_new, p, alpha, ks = _softmax(j, s, m_i, ks, c_q, ks_ptr, row0, n_blocks, Nk, MASKED, P_SHIFT, CAUSAL)
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     if PV16:
         # P in v's dtype, already in the operand's register order; v [BLOCK_N, D] as it came. The MMA accumulates
@@ -152,7 +179,8 @@ def _block(j, m_i, l_i, acc, ks, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, 
 
 @gluon.jit
 def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr):
+              STORE_LSE: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr,
+              CAUSAL: gl.constexpr):
     """One warpgroup: rows [BLOCK_M·wg, BLOCK_M·(wg+1)) of the CTA's tile over every key block, then its output."""
     q_smem, kv_smem = smem
     k_smem, v_smem = kv_smem
@@ -173,25 +201,35 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
     h = bh % Hq
     bhk = b * (Hq // GROUP) + h // GROUP
     n_blocks = (Nk + BLOCK_N - 1) // BLOCK_N
-    row0 = (gl.program_id(0) * CONSUMERS + wg) * BLOCK_M
+    pid_m = _tile_m(CAUSAL)
+    row0 = (pid_m * CONSUMERS + wg) * BLOCK_M
 
     qrows = row0 + gl.arange(0, BLOCK_M, row_layout)
     c_q = gl.load(QS + bh.to(gl.int64) * Nq_pad + qrows, mask=qrows < Nq_pad, other=0.0)
     ks_ptr = KS + bhk.to(gl.int64) * (Nk_pad // BLOCK_N * 4) + gl.arange(0, 4, gl.SliceLayout(0, r_layout))
-    cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     st = (gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout), gl.zeros([BLOCK_M], gl.float32, row_layout),
           o_zero, gl.load(ks_ptr))
     q = q_smem.index(wg)
     mbarrier.wait(q_bar, 0)
-    # whole blocks unmasked, then the last one masked where Nk is not a multiple of BLOCK_N
-    for j in range(0, Nk // BLOCK_N):
-        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                    False, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16)
-    for j in range(Nk // BLOCK_N, n_blocks):
-        st = _block(j, *st, c_q, ks_ptr, cols0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks, Nk,
-                    True, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16)
+    # blocks every row sees whole run unmasked; then the tail (where Nk is not a multiple of BLOCK_N) and, causal,
+    # the block holding the diagonal (BLOCK_M divides BLOCK_N: the rows' diagonal lies in one block)
+    n_whole = Nk // BLOCK_N
+    if CAUSAL:
+        n_whole = gl.minimum(n_whole, row0 // BLOCK_N)
+    n_mine = _key_blocks(row0 + BLOCK_M, Nk, BLOCK_N, CAUSAL)
+    for j in range(0, n_whole):
+        st = _block(j, *st, c_q, ks_ptr, row0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks,
+                    Nk, False, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, CAUSAL)
+    for j in range(n_whole, n_mine):
+        st = _block(j, *st, c_q, ks_ptr, row0, zero_s, o_zero, q, k_smem, v_smem, ready, empty, n_blocks,
+                    Nk, True, BLOCK_N, STAGES, p_layout, o_layout, P_SHIFT, PV16, CAUSAL)
+    # causal: the CTA's later warpgroups read blocks past this one's; its arrival still counts in their stages'
+    # "empty" barriers, given once each block has landed (earlier, it would count toward the stage's last use)
+    for j in range(n_mine, _key_blocks((pid_m + 1) * CONSUMERS * BLOCK_M, Nk, BLOCK_N, CAUSAL)):
+        mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.arrive(empty.index(j % STAGES))
     m_i, l_i, acc, ks = st
 
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -209,7 +247,8 @@ def _consumer(wg: gl.constexpr, smem, bars, ptrs, sizes, BLOCK_M: gl.constexpr, 
 @gluon.jit
 def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, Hq, GROUP, Nq, Nk, Nq_pad, Nk_pad,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STORE_LSE: gl.constexpr,
-                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PV16: gl.constexpr):
+                    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PV16: gl.constexpr,
+                    CAUSAL: gl.constexpr):
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(D <= 256)  # keeps |Q·K| < 2^22 for the MAGIC conversion
     gl.static_assert(BLOCK_M == 64)  # one warpgroup's MMA rows
@@ -238,20 +277,21 @@ def _attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE, sob, soh, son, H
     W2: gl.constexpr = 2
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))], [1], [PRODUCER_REGS])
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16, CAUSAL))],
+            [1], [PRODUCER_REGS])
     elif CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16, CAUSAL))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16)),
-            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16))],
+            (_consumer, (W0, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_consumer, (W1, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_consumer, (W2, smem, bars, ptrs, sizes, BLOCK_M, BLOCK_N, STORE_LSE, CONSUMERS, STAGES, PV16, CAUSAL)),
+            (_producer, (descs, smem, bars, sizes, BLOCK_M, BLOCK_N, CONSUMERS, STAGES, PV16, CAUSAL))],
             [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(q_bar)
@@ -304,14 +344,17 @@ def _descriptors(qz, v, dims, block_m, block_n):
     return dq, dk, dv
 
 
-def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None):
+def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, causal=False):
     """Launch over the tensors from _quant.quantize (head dim 64 or 128 unpadded): FP8 P·V on qz.v8, or 16-bit P·V on
     `v` (the user's [B, Hkv, Nk, D] view, fp16/bf16, 16-byte aligned rows); `out` a [B, Hq, Nq, D] view (last dim
-    contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows."""
+    contiguous), `lse` [B, Hq, Nq] fp32 or None. A CTA takes block_m · consumers query rows. `causal`: query i
+    sees keys j <= i (SDPA's mask)."""
     B, Hq, Hkv, Nq, Nk, D, DP = dims
-    if D != DP or D not in (64, 128) or block_m != 64 or (qz.v8 is None) == (v is None) or qz.q8.shape[3] != D:
+    if (D != DP or D not in (64, 128) or block_m != 64 or block_n % block_m or (qz.v8 is None) == (v is None)
+            or qz.q8.shape[3] != D):
         raise ValueError(f"the warp-specialized kernel takes FP8 v8 or a 16-bit v, and head dim 64 or 128 with "
-                         f"64-row tiles (got head dim {D}, block_m {block_m})")
+                         f"64-row tiles and key blocks a multiple of them (got head dim {D}, blocks {block_m} x "
+                         f"{block_n})")
     Nq_pad, Nk_pad = qz.q8.shape[2], qz.k8.shape[2]
     dq, dk, dv = _descriptors(qz, v, dims, block_m, block_n)
     rows = block_m * consumers
@@ -319,5 +362,5 @@ def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnre
         dq, dk, dv, qz.qs, qz.ks, qz.vs if v is None else qz.qs, out, lse if lse is not None else qz.qs,
         out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=lse is not None, CONSUMERS=consumers, STAGES=stages,
-        CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, num_warps=4,
+        CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, CAUSAL=bool(causal), num_warps=4,
         maxnreg=maxnreg)

@@ -278,13 +278,14 @@ def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
 
 def test_short_sequence_threshold_depends_on_head_dim_causal_and_total_work(monkeypatch):
     # the sm90 table: full attention at head dims 64/128 (FP16 P·V) gains from N=8192, at other head dims (FP8)
-    # from 4096, causal from 8192, and only with at least 7e8 query-key pairs over batch and heads (24 heads of
-    # 4608 tokens, Flux at 1024², stays SDPA)
+    # from 4096, causal from 8192 (16384 at head dim 64), and only with at least 7e8 query-key pairs over batch and
+    # heads (24 heads of 4608 tokens, Flux at 1024², stays SDPA)
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
     for B, H, D, N, causal, applies in ((1, 96, 128, 8192, False, True), (1, 96, 128, 4096, False, False),
                                         (1, 96, 128, 4096, True, False), (1, 24, 128, 8192, True, True),
                                         (1, 128, 64, 8192, False, True), (1, 128, 64, 4096, False, False),
-                                        (1, 128, 64, 4096, True, False), (1, 96, 32, 4096, False, True),
+                                        (1, 128, 64, 4096, True, False), (1, 128, 64, 8192, True, False),
+                                        (1, 32, 64, 16384, True, True), (1, 96, 32, 4096, False, True),
                                         (1, 96, 32, 2048, False, False), (1, 24, 32, 4608, False, False),
                                         (1, 40, 32, 4096, False, False), (2, 24, 32, 4608, False, True)):
         q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
@@ -369,9 +370,9 @@ def test_custom_op_fake_shapes_compile_and_backward():
 
 
 def test_warp_specialized_kernel_routing(monkeypatch):
-    """Which calls the sm90 warp-specialized kernel takes (full attention, FP8 or FP16 P·V, head dim without padding,
-    bulk copies, a 16-bit v with 16-byte rows, a tested Triton, COMFY_SAGE_WS not 0), and that _forward hands it the
-    tile's settings, v where P·V is 16-bit, and the LSE. The kernel is Gluon, which the interpreter does not run:
+    """Which calls the sm90 warp-specialized kernel takes (FP8 or FP16 P·V, causal ones where the tile's WarpSpec
+    says so, head dim without padding, bulk copies, a 16-bit v with 16-byte rows, a tested Triton, COMFY_SAGE_WS not
+    0), and that _forward hands it the tile's settings, v where P·V is 16-bit, causal, and the LSE. The kernel is Gluon, which the interpreter does not run:
     here a stand-in runs the Triton kernel on the same quantized inputs; tests/test_kernels_gpu.py compares the real
     one on a GPU."""
     ws = _arch.WarpSpec(3, 2, 128)
@@ -386,6 +387,9 @@ def test_warp_specialized_kernel_routing(monkeypatch):
     monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: True)
     assert _api._warp_specialized(tile, False, "fp8", 64, 64)
     assert _api._warp_specialized(tile, False, "fp16", 64, 64, v=v16)
+    causal_tile = dataclasses.replace(tile, ws=dataclasses.replace(ws, causal=True))
+    assert _api._warp_specialized(causal_tile, True, "fp8", 64, 64) and _api._warp_specialized(causal_tile, True,
+                                                                                                 "fp16", 64, 64, v=v16)
     for args in [(True, "fp8", 64, 64), (False, "fine", 64, 64), (False, "int8", 64, 64), (False, "fp8", 40, 64)]:
         assert not _api._warp_specialized(tile, *args, v=v16), args
     assert not _api._warp_specialized(tile, False, "fp16", 64, 64)  # no v: nothing to copy from
@@ -403,20 +407,23 @@ def test_warp_specialized_kernel_routing(monkeypatch):
 
     calls = []
 
-    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None):
-        calls.append((consumers, stages, maxnreg, lse is not None, v is None))
+    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, causal=False):
+        calls.append((consumers, stages, maxnreg, lse is not None, v is None, causal))
         _attention.attention(qz, qz.v8 if v is None else v, out, lse, dims=dims, block_m=block_m, block_n=block_n,
-                             causal=False, fp8_v=v is None, num_warps=4, num_stages=1)
+                             causal=causal, fp8_v=v is None, num_warps=4, num_stages=1)
 
     monkeypatch.setattr(_attention_ws, "attention", stand_in)
     q, k, v = make_qkv(1, 2, 2, 40, 70, 64, device=DEV, seed=3)
     for pv in ("fp8", "fp16"):
-        out, lse = _api._forward(q, k, v, "HND", False, None, pv, True, tile=tile)
-        ref, ref_lse = _api._forward(q, k, v, "HND", False, None, pv, True, tile=TILE)
-        assert calls[-1] == (3, 2, 128, True, pv == "fp8")
-        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing applies
-    _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
-    assert len(calls) == 2
+        for causal in (False, True):
+            t = causal_tile if causal else tile
+            out, lse = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=t)
+            ref, ref_lse = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=TILE)
+            assert calls[-1] == (3, 2, 128, True, pv == "fp8", causal)
+            assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing applies
+    _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=tile)  # the tile's WarpSpec: no causal calls
+    _api._forward(q, k, v, "HND", False, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("D,row", [(72, 80), (40, 40), (17, 17), (136, 144)])

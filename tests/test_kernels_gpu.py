@@ -50,16 +50,16 @@ def test_int8_meets_v10_targets(kind, D, causal):
         assert rel_l1(out, ref) <= INT8_TARGETS[kind], tma
 
 
-@pytest.mark.parametrize("kind,D", [(k, d) for k in INT8_TARGETS for d in (64, 128)])
-def test_auto_meets_v10_targets_in_full_attention(kind, D):
-    """pv="auto" in full attention meets issue 14's targets where the arch table gives an accurate path there
+@pytest.mark.parametrize("kind,D,causal", [(k, d, c) for k in INT8_TARGETS for d in (64, 128) for c in (0, 1)])
+def test_auto_meets_v10_targets(kind, D, causal):
+    """pv="auto" meets issue 14's targets, full and causal, where the arch table gives an accurate path there
     (sm90: FP16 P·V with rotated q and k in the warp-specialized kernel; sm86/89/120: INT8 P·V)."""
-    if _entry().pv_for(D) == "fp8":
+    if _entry().pv_for(D, causal) == "fp8":
         pytest.skip(f"{_entry().name} runs FP8 P·V at head dim {D} (0.038 by design)")
     dtype = torch.bfloat16 if kind in ("qoutlier", "onehot") else torch.float16
     q, k, v = make_qkv(1, 8, 8, 4096, 4096, D, dtype=dtype, device="cuda", kind=kind, seed=11)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert rel_l1(sage_attention(q, k, v), ref) <= INT8_TARGETS[kind]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=bool(causal))
+    assert rel_l1(sage_attention(q, k, v, is_causal=bool(causal)), ref) <= INT8_TARGETS[kind]
 
 
 @pytest.mark.parametrize("kind", ["randn", "kbias"])
@@ -146,32 +146,36 @@ def test_sage_sdpa_keeps_sdpa_where_it_is_faster():
                                            (1, 4, 4, 4097, 226, 128), (1, 2, 2, 130, 8192, 128),
                                            (1, 24, 24, 4608, 4608, 128)], ids=str)
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
-def test_warp_specialized_kernel_matches_the_triton_kernel(B, Hq, Hkv, Nq, Nk, D, pv, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_warp_specialized_kernel_matches_the_triton_kernel(B, Hq, Hkv, Nq, Nk, D, pv, causal, monkeypatch):
     """The sm90 warp-specialized Gluon kernel (forced on with COMFY_SAGE_WS=1) against the Triton kernel on the
     same inputs and against fp32 attention: tails, GQA, Nq != Nk, more rows than one CTA's, the LSE; FP8 P·V and
-    16-bit P·V (the user's v through a 4-D descriptor)."""
+    16-bit P·V (the user's v through a 4-D descriptor); full and causal (warpgroups of one CTA stopping at
+    different key blocks)."""
     from comfy_sage.kernels import _attention_ws
 
     if pv == "fp8" and not _entry().fp8:
         pytest.skip("no FP8 tensor cores")
     tile = _entry().tiles[(_arch.head_dim_bucket(D), pv)]
-    if tile.ws is None:
-        tile = dataclasses.replace(tile, tma=True, ws=_arch.WarpSpec(3, 2, 128))
+    # the kernel itself, wherever the table routes this call (sm90 runs FP8 causal calls on the Triton kernel)
+    tile = dataclasses.replace(tile, tma=True, ws=dataclasses.replace(tile.ws or _arch.WarpSpec(3, 2, 128),
+                                                                       causal=True))
     runs = []
     real = _attention_ws.attention
     monkeypatch.setattr(_attention_ws, "attention", lambda *a, **kw: runs.append(1) or real(*a, **kw))
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.bfloat16, device="cuda", seed=Nq + D)
-    ref, ref_lse = exact(q, k, v)
+    ref, ref_lse = exact(q, k, v, causal)
     got = {}
     for env in ("1", "0"):
         monkeypatch.setenv(_attention_ws.ENV, env)
-        got[env] = _api._forward(q, k, v, "HND", False, None, pv, True, tile=tile)
+        got[env] = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=tile)
     assert runs == [1]  # once, with the variable at 1
     (ws, ws_lse), (tr, tr_lse) = got["1"], got["0"]
     assert torch.isfinite(ws).all() and torch.isfinite(ws_lse).all()
-    assert rel_l1(ws, ref) <= (0.0385 if pv == "fp8" else 0.015) and cosine(ws, ref) >= 0.999
+    assert rel_l1(ws, ref) <= ((0.045 if causal else 0.0385) if pv == "fp8" else 0.015) and cosine(ws, ref) >= 0.999
     assert abs(rel_l1(ws, ref) - rel_l1(tr, ref)) <= 0.001  # the same arithmetic but for FP32 row sums
-    assert (ws_lse - ref_lse).abs().max() <= 0.02 and (ws_lse - tr_lse).abs().max() <= 0.02
+    lse_bound = 0.03 if causal else 0.02  # the first rows see few keys: the Triton kernel's own reach 0.026 (H200)
+    assert (ws_lse - ref_lse).abs().max() <= lse_bound and (ws_lse - tr_lse).abs().max() <= lse_bound
 
 
 @pytest.mark.parametrize("D", [16, 40, 64, 72, 128, 256])
