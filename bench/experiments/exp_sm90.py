@@ -110,7 +110,7 @@ def plot(result, path):
         med = [sorted(r[name])[len(r[name]) // 2] if isinstance(r.get(name), list) else 0 for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], med, width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-    ax.set_xticklabels([f"hd{r['D']} N={r['N']} H={r['H']}{' causal' if r['causal'] else ''}" for r in rows],
+    ax.set_xticklabels([f"hd{r['D']} N={r['N']}\nH={r['H']}{' causal' if r['causal'] else ''}" for r in rows],
                        fontsize=8)
     ax.set_ylabel("TOPS (median of rounds)")
     ax.legend(fontsize=8)
