@@ -16,7 +16,8 @@ extrapolated as (forward - its blocks) + sum over kinds of (real block count x m
 Variants (same weights, same inputs): `none` (attention replaced by a free identity: the rest of the step, so
 attention share = 1 - none / variant), `sdpa_flash` and `sdpa_cudnn` (forced with sdpa_kernel; cuDNN first is what
 ComfyUI users get), `sdpa_default` (PyTorch's own choice), `sage` (`enable_sage(model)`), `sage_calibrated`
-(`enable_sage(model, calibrate=True)`), `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
+(`enable_sage(model, calibrate=True)`), `sage_fp8` (`enable_sage(model, pv="fp8")`: the speed-first path, which
+`auto` was on sm90 before kernel v11), `sage_attention_only` (`enable_sage(model, fuse_rope=False)`: Wan's
 rotary embedding left to diffusers' torch ops, so the gain is the attention's alone; the same as `sage` for the
 other families), `sage_sparse25` (`enable_sage(model, sparse="ratio=0.25")`: every self-attention runs the
 block-sparse kernel on a quarter of its key blocks, cross-attention dense; the JSON gives each site's density. It
@@ -51,10 +52,10 @@ from .video_step import WAN_1_3B, WAN_14B, environment
 # the peers (../shared/peers/) run where they import, on a GPU: SageAttention 2's CUDA kernel and comfy-kitchen's
 # INT8 attention (ComfyUI core's), each as F.scaled_dot_product_attention for the calls it takes
 PEERS = ("sageattention2", "comfy_kitchen_int8")
-VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_calibrated", "sage_attention_only",
+VARIANTS = ("sdpa_default", "sdpa_cudnn", "sdpa_flash", "sage", "sage_fp8", "sage_calibrated", "sage_attention_only",
             "sage_sparse25", *PEERS, "none")
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_default")
-EIGHT_BIT = ("sage", "sage_calibrated", "sage_attention_only", "sage_sparse25")
+EIGHT_BIT = ("sage", "sage_fp8", "sage_calibrated", "sage_attention_only", "sage_sparse25")
 SPARSE = {"sage_sparse25": "ratio=0.25"}  # variant -> enable_sage's sparse level
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -315,7 +316,7 @@ def attention_variant(name, model, cuda):
     elif name in EIGHT_BIT:
         # calibrated: the first call measures every site (running exactly), the later ones run its decision
         reports = enable_sage(model, calibrate=name == "sage_calibrated", fuse_rope=name != "sage_attention_only",
-                              sparse=SPARSE.get(name))
+                              sparse=SPARSE.get(name), pv="fp8" if name == "sage_fp8" else "auto")
         info["sites"] = sum(len(r.sites) for r in reports)
         try:
             yield info
