@@ -134,8 +134,8 @@ ARCHES = {
                       pv_order=("fp8", "fp16", "fine", "int8"),
                       # H200, v11 grid (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k,
                       # meets every accuracy target of issue 14 at 0.88-0.93x FP8 (1.01-1.04x SageAttention 2 at
-                      # N=8k-16k, 0.96x at 32k); causal too from v12 (0.93-0.97x FP8 on the Triton kernel at
-                      # N >= 16k)
+                      # N=8k-16k, 0.96x at 32k); causal too from v12 (0.90-0.94x FP8 from N=8192, 0.99-1.13x
+                      # SageAttention 2)
                       pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),

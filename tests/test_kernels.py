@@ -372,9 +372,9 @@ def test_custom_op_fake_shapes_compile_and_backward():
 def test_warp_specialized_kernel_routing(monkeypatch):
     """Which calls the sm90 warp-specialized kernel takes (FP8 or FP16 P·V, causal ones where the tile's WarpSpec
     says so, head dim without padding, bulk copies, a 16-bit v with 16-byte rows, a tested Triton, COMFY_SAGE_WS not
-    0), and that _forward hands it the tile's settings, v where P·V is 16-bit, causal, and the LSE. The kernel is Gluon, which the interpreter does not run:
-    here a stand-in runs the Triton kernel on the same quantized inputs; tests/test_kernels_gpu.py compares the real
-    one on a GPU."""
+    0), and that _forward hands it the tile's settings, v where P·V is 16-bit, causal, and the LSE. The kernel is
+    Gluon, which the interpreter does not run: here a stand-in runs the Triton kernel on the same quantized inputs;
+    tests/test_kernels_gpu.py compares the real one on a GPU."""
     ws = _arch.WarpSpec(3, 2, 128)
     tile = _arch.Tile(32, 32, 4, 1, True, None, ws)
     v16 = torch.empty(1, 2, 70, 64, dtype=torch.bfloat16)

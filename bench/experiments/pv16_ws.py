@@ -16,6 +16,7 @@ from triton.testing import do_bench
 
 from ...kernels import _attention_ws, _quant, sage_attention
 from ..bench import KINDS, inputs, metrics, tops
+from .ws_causal import ws
 
 DEFAULT = {"c3s2": dict(consumers=3, stages=2, maxnreg=128), "c3s3": dict(consumers=3, stages=3, maxnreg=128),
            "c2s2": dict(consumers=2, stages=2, maxnreg=168)}
@@ -36,15 +37,8 @@ def ws16(q, k, v, *, consumers, stages, maxnreg, rot=1, lse=False):
 
 def fp16_triton(q, k, v):
     """The package's FP16 P·V through the Triton kernel (the warp-specialized one switched off for this call)."""
-    old = os.environ.get(_attention_ws.ENV)
-    os.environ[_attention_ws.ENV] = "0"
-    try:
+    with ws(False):
         return sage_attention(q, k, v, pv="fp16")
-    finally:
-        if old is None:
-            del os.environ[_attention_ws.ENV]
-        else:
-            os.environ[_attention_ws.ENV] = old
 
 
 def check(variants):
