@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import sage_attention, sage_sdpa
 from ..kernels import _api, _arch, _quant
+from .clocks import Clocks
 
 GRID_N = (1024, 2048, 4096, 8192, 16384, 32768)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -66,6 +67,9 @@ def _full_only(fn, q, k, v, causal):
 def _sdpa_with(backend, q, k, v, causal):
     with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+META = ("B", "H", "N", "D", "causal", "errors", "clocks")  # a grid row's keys that are not methods
 
 
 def tops(s, ms):
@@ -129,7 +133,8 @@ def metrics(out, ref):
 
 
 def speed(ms_, quick=False, names=None, rounds=3, ns=None):
-    """TOPS per grid shape and method. Methods are timed in turn, `rounds` times, keeping each one's best median:
+    """TOPS per grid shape and method, and under "clocks" the SM clock and board power nvidia-smi read during each
+    method's kept timing (bench/clocks.py). Methods are timed in turn, `rounds` times, keeping each one's best median:
     one pass per method drifted by 5-10% between methods with the clock and temperature, and in a fixed order a
     method measured up to 9% off at short shapes by what ran before it (bench/NOTES.md), so each round takes the
     methods in a new (seeded) order."""
@@ -143,7 +148,11 @@ def speed(ms_, quick=False, names=None, rounds=3, ns=None):
                 if (names and name not in names) or name in row.get("errors", {}):
                     continue
                 try:
-                    best[name] = min(best.get(name, math.inf), _time(lambda: fn(q, k, v, s["causal"])))
+                    with Clocks(torch.cuda.current_device()) as clk:
+                        ms = _time(lambda: fn(q, k, v, s["causal"]))
+                    if ms < best.get(name, math.inf):
+                        best[name] = ms
+                        row.setdefault("clocks", {})[name] = clk.summary()
                 except Exception as e:  # a backend that does not run this shape is reported, not fatal
                     row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
         for name in ms_:
@@ -217,7 +226,7 @@ def sweep(shapes, tiles, pvs=("fp16", "fp8")):
 
 
 def _fmt(row):
-    keys = [k for k in row if k not in ("B", "H", "N", "D", "causal", "errors")]
+    keys = [k for k in row if k not in META]
     head = f"D={row['D']:<3} N={row['N']:<5} {'causal' if row['causal'] else 'full  '}"
     return head + " " + " ".join(f"{k}={row[k]}" for k in keys)
 
@@ -248,7 +257,7 @@ def plot(rows, path, gpu=None):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     for ax, (D, causal) in zip(axes.flat, [(64, False), (64, True), (128, False), (128, True)]):
         sel = [r for r in rows if r["D"] == D and r["causal"] == causal]
-        names = [k for k in sel[0] if k not in ("B", "H", "N", "D", "causal", "errors")]
+        names = [k for k in sel[0] if k not in META]
         for name in names:
             ax.plot([r["N"] for r in sel], [r.get(name) or float("nan") for r in sel], marker="o", label=name)
         ax.set_xscale("log", base=2)
