@@ -92,10 +92,15 @@ def toolchain_missing():
 
 
 def ws_supported():
-    """The warp-specialized Gluon kernel compiles only on the Triton it was written for (_attention_ws.py)."""
+    """Whether this Triton's Gluon compiles the warp-specialized kernel (_attention_ws.COMPILES_ON; Triton 3.2 has
+    no Gluon to import)."""
+    try:
+        ws = _sass().kernel_module("_attention_ws")
+    except ImportError:
+        return False
     import triton
 
-    return triton.__version__.startswith("3.6.")
+    return triton.__version__.startswith(ws.COMPILES_ON)
 
 
 def unsupported(arch):

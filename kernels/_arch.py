@@ -44,6 +44,9 @@ class ArchEntry:
     # sage_sdpa keeps SDPA below this many (query, key) pairs per head: launch and quantization overhead win there.
     min_pairs: int = 0
     pv_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pv, where it differs from pv_auto
+    # pv_by holds only for calls the warp-specialized kernel runs (unpadded head dims, _attention_ws.usable()): it
+    # was measured with that kernel
+    pv_by_ws: bool = False
     min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
     # ... and below this many pairs summed over batch and heads: too few query tiles to fill the GPU's waves
     min_total_pairs: int = 0
@@ -53,7 +56,10 @@ class ArchEntry:
     pv_order: tuple = ("int8", "fp8", "fp16", "fine")
 
     def pv_for(self, head_dim: int, causal: bool = False) -> str:
-        return self.pv_by.get((head_dim_bucket(head_dim), bool(causal)), self.pv_auto)
+        d = head_dim_bucket(head_dim)
+        if self.pv_by_ws and (head_dim != d or not ws_usable()):
+            return self.pv_auto
+        return self.pv_by.get((d, bool(causal)), self.pv_auto)
 
     def sdpa_below(self, head_dim: int, causal: bool) -> int:
         return self.min_pairs_by.get((head_dim_bucket(head_dim), bool(causal)), self.min_pairs)
@@ -135,8 +141,9 @@ ARCHES = {
                       # H200, v11 grid (bench/results): FP16 P·V in the warp-specialized kernel, rotated q and k,
                       # meets every accuracy target of issue 14 at 0.88-0.93x FP8 (1.01-1.04x SageAttention 2 at
                       # N=8k-16k, 0.96x at 32k); causal too from v12 (0.90-0.94x FP8 from N=8192, 0.99-1.13x
-                      # SageAttention 2)
-                      pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}),
+                      # SageAttention 2). Where that kernel does not run, FP16 P·V is the Triton kernel's (hd128
+                      # 32k: 583-626 TOPS, cuDNN's speed, against FP8's 790-800 in v8): auto stays FP8 there.
+                      pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}, pv_by_ws=True),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.
@@ -151,6 +158,22 @@ def bulk_copyable(t) -> bool:
     aligned base and strides (the last dim contiguous)."""
     es = t.element_size()
     return t.data_ptr() % 16 == 0 and not any(s * es % 16 for s in t.stride()[:3])
+
+
+def ws_usable() -> bool:
+    """Whether the warp-specialized sm90 kernel may run here (_attention_ws.usable(); False where this Triton's Gluon
+    does not import)."""
+    ws = _ws_module()
+    return ws is not None and ws.usable()
+
+
+@functools.cache
+def _ws_module():
+    try:
+        from . import _attention_ws
+    except Exception:  # noqa: BLE001 - a Triton without Gluon, or with another Gluon API
+        return None
+    return _attention_ws
 
 
 def interpreting() -> bool:
@@ -228,7 +251,7 @@ def doctor() -> dict:
     else:
         info["arch"] = entry.name
         info["path"] = f"int8-{entry.pv_auto}pv"
-        if entry.pv_by:
+        if entry.pv_by and (ws_usable() or not entry.pv_by_ws):
             info["path_by_head_dim"] = {f"{d}{' causal' if c else ' full'}": f"int8-{pv}pv"
                                         for (d, c), pv in entry.pv_by.items()}
         info["why"] = entry.why

@@ -19,8 +19,9 @@ masked) and releases the blocks it does not need as they arrive, so that the rin
 longest tiles run first.
 
 Used where the sm90 table gives a tile `ws` (FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
-copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with; everything
-else runs _attention.py. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against
+copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with on a GPU
+(TESTED_TRITON); everything else runs _attention.py. It also compiles with Triton 3.7-3.9 (COMPILES_ON, the offline
+arch check), where COMFY_SAGE_WS=1 runs it. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py checks it against
 _attention.py on the GPU.
 """
 import functools
@@ -35,10 +36,16 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from ._arch import bulk_copyable
 from ._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
 
+# the bulk copy global -> shared, same arguments: `async_load` from Triton 3.7 (3.9 removed the older name)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 FP8_SHIFT = gl.constexpr(P_SHIFT_FP8)
 
 PRODUCER_REGS = gl.constexpr(24)  # the least setmaxnreg allows: the producer holds only scalars
-TESTED_TRITON = ("3.6.",)  # Gluon's API moves between releases; others run _attention.py
+TESTED_TRITON = ("3.6.",)  # run on a GPU against _attention.py: used by default only on these
+# Gluon's API moves between releases: the Tritons this source compiles with (the offline arch check, sm90), where
+# COMFY_SAGE_WS=1 may run it; others run _attention.py
+COMPILES_ON = ("3.6.", "3.7.", "3.8.", "3.9.")
 ENV = "COMFY_SAGE_WS"      # "0": never use this kernel (A/B runs, a way out); "1": also on untested Triton
 
 
@@ -98,8 +105,7 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
     # rows past this head's end read the next head's (or the bulk-copy engine's zeros): their outputs are masked
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for i in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [bh * Nq_pad + (pid_m * CONSUMERS + i) * BLOCK_M, 0], q_bar,
-                                        q_smem.index(i))
+        _tma_load(q_desc, [bh * Nq_pad + (pid_m * CONSUMERS + i) * BLOCK_M, 0], q_bar, q_smem.index(i))
     KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
     Hkv = Hq // GROUP
     for j in range(_key_blocks((pid_m + 1) * CONSUMERS * BLOCK_M, Nk, BLOCK_N, CAUSAL)):
@@ -107,12 +113,11 @@ def _producer(descs, smem, bars, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
         # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), KV_BYTES)
-        tma.async_copy_global_to_shared(k_desc, [bhk * Nk_pad + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [bhk * Nk_pad + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
         if PV16:  # the user's v, [B, Hkv, Nk, D]: keys past Nk arrive as zeros
-            tma.async_copy_global_to_shared(v_desc, [bhk // Hkv, bhk % Hkv, j * BLOCK_N, 0], ready.index(s),
-                                            v_smem.index(s))
+            _tma_load(v_desc, [bhk // Hkv, bhk % Hkv, j * BLOCK_N, 0], ready.index(s), v_smem.index(s))
         else:
-            tma.async_copy_global_to_shared(v_desc, [bhk * D, j * BLOCK_N], ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [bhk * D, j * BLOCK_N], ready.index(s), v_smem.index(s))
 
 
 @gluon.jit

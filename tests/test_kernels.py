@@ -369,6 +369,36 @@ def test_custom_op_fake_shapes_compile_and_backward():
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
+def test_sm90_auto_takes_fp16_only_where_the_warp_specialized_kernel_runs(monkeypatch):
+    # FP16 P·V through the Triton kernel runs at cuDNN's speed on the H200 (583-626 TOPS at head dim 128, N=32k):
+    # where the warp-specialized kernel does not run (padded head dims, an untested Triton, COMFY_SAGE_WS=0),
+    # auto keeps FP8
+    sm90 = _arch.ARCHES["sm90"]
+    monkeypatch.setattr(_arch, "ws_usable", lambda: True)
+    assert [sm90.pv_for(d, c) for d in (64, 128) for c in (False, True)] == ["fp16"] * 4
+    assert {sm90.pv_for(d, c) for d in (40, 72, 80, 96, 256) for c in (False, True)} == {"fp8"}
+    assert "path_by_head_dim" in _sm90_doctor(monkeypatch)
+    monkeypatch.setattr(_arch, "ws_usable", lambda: False)
+    assert {sm90.pv_for(d, c) for d in (40, 64, 128) for c in (False, True)} == {"fp8"}
+    assert "path_by_head_dim" not in _sm90_doctor(monkeypatch)
+    assert _arch.ARCHES["sm89"].pv_for(128) == "int8"  # the other tables do not ask
+
+
+def _sm90_doctor(monkeypatch):
+    monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return _arch.doctor()
+
+
+def test_ws_usable_follows_the_switch(monkeypatch):
+    if _arch._ws_module() is None:
+        pytest.skip("this Triton cannot import the Gluon kernel: ws_usable() is False")
+    monkeypatch.setenv("COMFY_SAGE_WS", "0")
+    assert not _arch.ws_usable()
+    monkeypatch.setenv("COMFY_SAGE_WS", "1")
+    assert _arch.ws_usable()
+
+
 def test_warp_specialized_kernel_routing(monkeypatch):
     """Which calls the sm90 warp-specialized kernel takes (FP8 or FP16 P·V, causal ones where the tile's WarpSpec
     says so, head dim without padding, bulk copies, a 16-bit v with 16-byte rows, a tested Triton, COMFY_SAGE_WS not
