@@ -118,8 +118,9 @@ ARCHES = {
                       "datasheet, not measured)", _ADA, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: head dims 64 and 128 (full and causal) take FP16 P·V "
                       "with rotated q and k in the warp-specialized kernel (relative L1 0.010-0.011 against FP8's "
-                      "0.037, at 0.87-0.94x FP8's speed, H200); FP8 P·V at other head dims, where FP16 P·V runs "
-                      "the slower Triton kernel", _HOPPER, 8192 * 8192,
+                      "0.037, at 0.87-0.94x FP8's speed, H200); FP8 P·V at other head dims and where that kernel is "
+                      "off (a Triton other than 3.6), where FP16 P·V runs the slower Triton kernel", _HOPPER,
+                      8192 * 8192,
                       # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
                       # with FP8 P·V (kernel v7), from N=8192 with FP16 P·V at head dims 64/128 (v11: 596 / 441
                       # TOPS against cuDNN's 636 / 451 at 4096, 674 / 498 against 601 / 443 at 8192), causal from
