@@ -48,6 +48,8 @@ class ArchEntry:
     # was measured with that kernel
     pv_by_ws: bool = False
     min_pairs_by: dict = field(default_factory=dict)  # (padded head dim, causal) -> pairs, where not min_pairs
+    # ... and for the calls pv_by routes (its path crosses SDPA elsewhere), where they differ
+    pv_by_min_pairs: dict = field(default_factory=dict)
     # ... and below this many pairs summed over batch and heads: too few query tiles to fill the GPU's waves
     min_total_pairs: int = 0
     # the P·V path of sparse calls (_sparse.py): sparsity adds its own error, so they take an accurate path
@@ -62,7 +64,15 @@ class ArchEntry:
         return self.pv_by.get((d, bool(causal)), self.pv_auto)
 
     def sdpa_below(self, head_dim: int, causal: bool) -> int:
-        return self.min_pairs_by.get((head_dim_bucket(head_dim), bool(causal)), self.min_pairs)
+        key = (head_dim_bucket(head_dim), bool(causal))
+        if key in self.pv_by_min_pairs and self.pv_for(head_dim, causal) == self.pv_by.get(key):
+            return self.pv_by_min_pairs[key]
+        return self.min_pairs_by.get(key, self.min_pairs)
+
+    def with_threshold(self, pairs: int = 0) -> "ArchEntry":
+        """This entry with every sage_sdpa threshold at `pairs` per head and none over batch and heads (tests and
+        runs of small models, where the 8-bit path must run)."""
+        return dataclasses.replace(self, min_pairs=pairs, min_pairs_by={}, pv_by_min_pairs={}, min_total_pairs=0)
 
 
 NEVER = 1 << 62  # a pair count no call reaches: sage_sdpa keeps SDPA
@@ -122,15 +132,16 @@ ARCHES = {
                       "off (a Triton other than 3.6), where FP16 P·V runs the slower Triton kernel", _HOPPER,
                       8192 * 8192,
                       # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
-                      # with FP8 P·V (kernel v7), from N=8192 with FP16 P·V at head dims 64/128 (v11: 596 / 441
-                      # TOPS against cuDNN's 636 / 451 at 4096, 674 / 498 against 601 / 443 at 8192), causal from
-                      # N=8192, but from 16384 at head dim 64 with FP16 P·V (v12: 419 against cuDNN's 437 at 8192,
-                      # 472 against 447 at 16384)
-                      min_pairs_by={(128, False): 8192 * 8192, (64, False): 8192 * 8192, (64, True): 16384 * 16384,
-                                    (32, False): 4096 * 4096,
+                      # with FP8 P·V (kernel v7; v12: 490 against 439 at hd64), causal from N=8192; with FP16 P·V
+                      # (pv_by) full attention from N=8192 at head dims 64/128 (v11: 596 / 441 TOPS against
+                      # cuDNN's 636 / 451 at 4096, 674 / 498 against 601 / 443 at 8192), causal from 8192, but
+                      # from 16384 at head dim 64 (v12: 419 against cuDNN's 437 at 8192, 472 against 447 at 16384)
+                      min_pairs_by={(128, False): 4096 * 4096, (64, False): 4096 * 4096, (32, False): 4096 * 4096,
                                     # head dim 256 (64x64 tiles, no bulk copies): 342 TOPS against cuDNN's 641 at
                                     # N=16k (H200, v9.1): sage_sdpa keeps SDPA at every length
                                     (256, False): NEVER, (256, True): NEVER},
+                      pv_by_min_pairs={(128, False): 8192 * 8192, (64, False): 8192 * 8192,
+                                       (64, True): 16384 * 16384},
                       # H200, head dim 128, full: 24 heads x 4608² (Flux at 1024²) and 40 x 4096² measured slower
                       # or even in 8-bit, 24 x 6144² and 48 x 4608² (>= 9e8 pairs) 7-10% faster
                       min_total_pairs=700_000_000,
@@ -264,9 +275,11 @@ def doctor() -> dict:
                    for pv in ("fp8", "fp16") for causal in (False, True)}
         if any(ws_dims.values()):
             info["warp_specialized"] = _ws_status(ws_dims)
-        if entry.min_pairs_by:
-            info["sdpa_below_pairs_by_head_dim_causal"] = {f"{d}{'-causal' if c else ''}": "always" if n == NEVER
-                                                           else n for (d, c), n in entry.min_pairs_by.items()}
+        if entry.min_pairs_by or entry.pv_by_min_pairs:
+            info["sdpa_below_pairs_by_head_dim_causal"] = {
+                f"{d}{'-causal' if c else ''}": "always" if n == NEVER else n
+                for (d, c) in {**entry.min_pairs_by, **entry.pv_by_min_pairs}
+                for n in [entry.sdpa_below(d, c)]}
     from . import _fallback
 
     # what failed in this process (each such config runs exact SDPA); empty in a fresh `doctor` run

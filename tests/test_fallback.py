@@ -26,8 +26,7 @@ def eight_bit_at_any_length(monkeypatch):
     8-bit path."""
     if DEV == "cuda":
         entry = _arch.arch_of(torch.device("cuda"))
-        monkeypatch.setitem(_arch.ARCHES, entry.name,
-                            dataclasses.replace(entry, min_pairs=0, min_pairs_by={}, min_total_pairs=0))
+        monkeypatch.setitem(_arch.ARCHES, entry.name, entry.with_threshold(0))
 
 
 @pytest.fixture

@@ -37,8 +37,7 @@ MAX_REL_L1 = 0.05
 def min_pairs(monkeypatch):
     """Lower sage_sdpa's short-sequence threshold on every arch entry (the table is read at each call)."""
     for name, entry in list(_arch.ARCHES.items()):
-        monkeypatch.setitem(_arch.ARCHES, name, dataclasses.replace(entry, min_pairs=0, min_pairs_by={},
-                                                                   min_total_pairs=0))
+        monkeypatch.setitem(_arch.ARCHES, name, entry.with_threshold(0))
 
 
 def paths(c=None):

@@ -277,22 +277,32 @@ def test_head_dim_over_256_is_refused_and_fp8_needs_the_arch(monkeypatch):
 
 
 def test_short_sequence_threshold_depends_on_head_dim_causal_and_total_work(monkeypatch):
-    # the sm90 table: full attention at head dims 64/128 (FP16 P·V) gains from N=8192, at other head dims (FP8)
-    # from 4096, causal from 8192 (16384 at head dim 64), and only with at least 7e8 query-key pairs over batch and
-    # heads (24 heads of 4608 tokens, Flux at 1024², stays SDPA)
+    # the sm90 table: full attention at head dims 64/128 gains from N=8192 with FP16 P·V (the warp-specialized
+    # kernel), from 4096 with FP8 (other head dims, or that kernel off), causal from 8192 (16384 at head dim 64 with
+    # FP16 P·V), and only with at least 7e8 query-key pairs over batch and heads (24 heads of 4608 tokens, Flux at
+    # 1024², stays SDPA)
     monkeypatch.setattr(_arch, "arch_of", lambda device: _arch.ARCHES["sm90"])
-    for B, H, D, N, causal, applies in ((1, 96, 128, 8192, False, True), (1, 96, 128, 4096, False, False),
-                                        (1, 96, 128, 4096, True, False), (1, 24, 128, 8192, True, True),
-                                        (1, 128, 64, 8192, False, True), (1, 128, 64, 4096, False, False),
-                                        (1, 128, 64, 4096, True, False), (1, 128, 64, 8192, True, False),
-                                        (1, 32, 64, 16384, True, True), (1, 96, 32, 4096, False, True),
-                                        (1, 96, 32, 2048, False, False), (1, 24, 32, 4608, False, False),
-                                        (1, 40, 32, 4096, False, False), (2, 24, 32, 4608, False, True)):
-        q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
-        why = kernels.fallback_reason(q, q, q, is_causal=causal)
-        assert (why is None) == applies, (B, H, D, N, causal, why)
-        if not applies:
-            assert why[0] == "sdpa:short"
+    common = ((1, 96, 128, 8192, False, True), (1, 96, 128, 4096, True, False), (1, 24, 128, 8192, True, True),
+              (1, 128, 64, 8192, False, True), (1, 128, 64, 4096, True, False), (1, 32, 64, 16384, True, True),
+              (1, 96, 32, 4096, False, True), (1, 96, 32, 2048, False, False), (1, 24, 32, 4608, False, False),
+              (1, 40, 32, 4096, False, False), (2, 24, 32, 4608, False, True), (1, 96, 96, 4096, False, True),
+              (1, 96, 96, 2048, False, False))
+    fp16 = ((1, 96, 128, 4096, False, False), (1, 128, 64, 4096, False, False), (1, 128, 64, 8192, True, False))
+    fp8 = ((1, 96, 128, 4096, False, True), (1, 128, 64, 4096, False, True), (1, 128, 64, 8192, True, True))
+    for ws, cases in ((True, common + fp16), (False, common + fp8)):
+        monkeypatch.setattr(_arch, "ws_usable", lambda: ws)
+        for B, H, D, N, causal, applies in cases:
+            q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
+            why = kernels.fallback_reason(q, q, q, is_causal=causal)
+            assert (why is None) == applies, (ws, B, H, D, N, causal, why)
+            if not applies:
+                assert why[0] == "sdpa:short"
+
+
+def test_with_threshold_lowers_every_threshold():
+    e = _arch.ARCHES["sm90"].with_threshold(0)
+    assert all(e.sdpa_below(d, c) == 0 for d in (32, 64, 96, 128, 256) for c in (False, True))
+    assert e.min_total_pairs == 0 and e.pv_by == _arch.ARCHES["sm90"].pv_by
 
 
 def _same_as_sdpa(q, k, v, **kw):

@@ -29,7 +29,6 @@ beside it). The Wan-14B shape at 720p (75,600 video tokens), a few layers of it:
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -149,7 +148,7 @@ def min_pairs_lowered(arch_module, value):
     saved = dict(arch_module.ARCHES)
     try:
         for k, e in saved.items():
-            arch_module.ARCHES[k] = dataclasses.replace(e, min_pairs=value, min_pairs_by={}, min_total_pairs=0)
+            arch_module.ARCHES[k] = e.with_threshold(value)
         yield
     finally:
         arch_module.ARCHES.clear()
