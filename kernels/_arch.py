@@ -275,11 +275,12 @@ def doctor() -> dict:
                    for pv in ("fp8", "fp16") for causal in (False, True)}
         if any(ws_dims.values()):
             info["warp_specialized"] = _ws_status(ws_dims)
-        if entry.min_pairs_by or entry.pv_by_min_pairs:
-            info["sdpa_below_pairs_by_head_dim_causal"] = {
-                f"{d}{'-causal' if c else ''}": "always" if n == NEVER else n
-                for (d, c) in {**entry.min_pairs_by, **entry.pv_by_min_pairs}
-                for n in [entry.sdpa_below(d, c)]}
+        below = {}
+        for d, c in {**entry.min_pairs_by, **entry.pv_by_min_pairs}:  # as this machine routes those calls
+            n = entry.sdpa_below(d, c)
+            below[f"{d}{'-causal' if c else ''}"] = "always" if n == NEVER else n
+        if below:
+            info["sdpa_below_pairs_by_head_dim_causal"] = below
     from . import _fallback
 
     # what failed in this process (each such config runs exact SDPA); empty in a fresh `doctor` run
