@@ -57,15 +57,18 @@ class ArchEntry:
     # the P·V paths fastest first, as calibration tries them after pv_auto (measured on sm90, datasheets elsewhere)
     pv_order: tuple = ("int8", "fp8", "fp16", "fine")
 
+    def pv_by_holds(self, head_dim: int) -> bool:
+        """Whether pv_by (and pv_by_min_pairs) apply to this head dim on this machine."""
+        return not self.pv_by_ws or (head_dim == head_dim_bucket(head_dim) and ws_usable())
+
     def pv_for(self, head_dim: int, causal: bool = False) -> str:
-        d = head_dim_bucket(head_dim)
-        if self.pv_by_ws and (head_dim != d or not ws_usable()):
+        if not self.pv_by_holds(head_dim):
             return self.pv_auto
-        return self.pv_by.get((d, bool(causal)), self.pv_auto)
+        return self.pv_by.get((head_dim_bucket(head_dim), bool(causal)), self.pv_auto)
 
     def sdpa_below(self, head_dim: int, causal: bool) -> int:
         key = (head_dim_bucket(head_dim), bool(causal))
-        if key in self.pv_by_min_pairs and self.pv_for(head_dim, causal) == self.pv_by.get(key):
+        if key in self.pv_by_min_pairs and self.pv_by_holds(head_dim):
             return self.pv_by_min_pairs[key]
         return self.min_pairs_by.get(key, self.min_pairs)
 
@@ -263,9 +266,10 @@ def doctor() -> dict:
     else:
         info["arch"] = entry.name
         info["path"] = f"int8-{entry.pv_auto}pv"
-        if entry.pv_by and (ws_usable() or not entry.pv_by_ws):
-            info["path_by_head_dim"] = {f"{d}{' causal' if c else ' full'}": f"int8-{pv}pv"
-                                        for (d, c), pv in entry.pv_by.items()}
+        by_dim = {f"{d}{' causal' if c else ' full'}": f"int8-{pv}pv" for (d, c), pv in entry.pv_by.items()
+                  if entry.pv_by_holds(d)}
+        if by_dim:
+            info["path_by_head_dim"] = by_dim
         info["why"] = entry.why
         info["sdpa_below_pairs"] = entry.min_pairs
         if entry.min_total_pairs:
