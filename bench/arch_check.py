@@ -116,7 +116,7 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
     """Every compile the table can make: dicts naming the kernel and its parameters."""
     sass = _sass()
     arch_table = sass.kernel_module("_arch")
-    quant_warps = sass.kernel_module("_quant").quant_warps
+    quant = sass.kernel_module("_quant")
     ws = ws_supported() if ws is None else ws
     out = []
     for name in archs:
@@ -131,8 +131,8 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                             block_n=tile.block_n, dtype="fp16", lse=False)
                 attn = dict(base, kernel="attn", num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tma,
                             maxnreg=maxnreg, tile_tma=tile.tma, tile_maxnreg=tile.maxnreg)
-                quant = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
-                             num_warps=quant_warps(dp))
+                quant_c = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
+                               num_warps=quant.quant_warps(dp), maxnreg=entry.quant_cap(dp))
                 for causal in (False, True):
                     out.append(dict(attn, causal=causal))
                     if D in SPARSE_DIMS and pv == entry.sparse_pv:  # the block-sparse variant sparse calls run
@@ -143,9 +143,9 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                             and (tile.ws.causal or not causal)):
                         out.append(dict(base, kernel="attn_ws", causal=causal, num_warps=4, consumers=tile.ws.consumers,
                                         ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg))
-                out += [dict(quant, lse=lse) for lse in (False, True)]
+                out += [dict(quant_c, lse=lse) for lse in (False, True)]
                 if D == BF16_DIM:  # a bf16 call that returns the LSE
-                    out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant, dtype="bf16", lse=True)]
+                    out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant_c, dtype="bf16", lse=True)]
         out += [dict(arch=name, cap=cap, head_dim=D, bucket=D, kernel="rope", dtype=dt, num_warps=4)
                 for D, dt in ROPE if D in dims]
         if SELECT_DIM in dims:
@@ -194,7 +194,7 @@ def tile_text(c):
         return (f"({c['block_m']},{c['block_n']}) rows {c['rows']}, {c['num_warps']} warps"
                 + " H=1" * (c.get("heads") == 1))
     if c["kernel"] == "quant":
-        return f"({c['block_m']},{c['block_n']},{c['num_warps']})"
+        return f"({c['block_m']},{c['block_n']},{c['num_warps']})" + f" maxnreg {c['maxnreg']}" * bool(c.get("maxnreg"))
     if c["kernel"] == "attn_ws":
         return (f"({c['block_m']},{c['block_n']}) ws {c['consumers']}x4 warps +1, {c['ws_stages']} stages, "
                 f"maxnreg {c['maxnreg']}")
@@ -223,7 +223,7 @@ def compile_one(c):
             k = sass.compile_quant(sass.kernel_module("_quant")._quant_kernel, arch=c["cap"], D=c["head_dim"],
                                    block_m=c["block_m"], block_n=c["block_n"], fp8_v=c["fp8_v"], k_token=c["k_token"],
                                    warps=c["num_warps"], lse=c.get("lse", False), dtype=c.get("dtype", "fp16"),
-                                   int8_v=c.get("int8_v", False))
+                                   int8_v=c.get("int8_v", False), maxnreg=c.get("maxnreg"))
         elif c["kernel"] == "rope":
             k = sass.compile_rope(sass.kernel_module("_rope")._rotate_kernel, arch=c["cap"], D=c["head_dim"],
                                   dtype=c["dtype"])
@@ -349,7 +349,8 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
         todo += [dict(base, kernel="attn", causal=c, num_warps=w, num_stages=st, tma=False, maxnreg=mr)
                  for c in (False, True)]
         todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
-                         num_warps=sass.kernel_module("_quant").quant_warps(dp)))
+                         num_warps=sass.kernel_module("_quant").quant_warps(dp),
+                         maxnreg=sass.kernel_module("_arch").ARCHES[arch].quant_cap(dp)))
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     results = _pool_map(todo, jobs, log)

@@ -137,7 +137,8 @@ def compile_sm90(fn, **kw):
     return compile_attention(fn, arch=90, **kw)
 
 
-def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16", int8_v=False):
+def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse=False, dtype="fp16", int8_v=False,
+                  maxnreg=None):
     """_quant._quant_kernel as _quant.quantize launches it (q, k, v of `dtype`; num_stages left at Triton's
     default) at head dim D, padded to its bucket; `int8_v` as for pv="int8" (per-token K); q and k rotated on every
     path but FP8 (_quant.rotation_for)."""
@@ -148,7 +149,7 @@ def compile_quant(fn, *, arch, D, block_m, block_n, fp8_v, k_token, warps=4, lse
     const = dict(D=D, DP=head_dim_bucket(D), DS=quant.row_bytes(D), BLOCK_Q=block_m, BLOCK_K=block_n,
                  SAMPLE_N=quant.SAMPLE, QUANT_V=fp8_v or int8_v, K_TOKEN=k_token or int8_v, Q_DOT_KMEAN=lse,
                  V_INT8=int8_v, ROT=quant.rotation_for("fp8" if fp8_v else "fp16", D))
-    return _compile(fn, arch, types_, const, _options(warps), divisible=_divisible(D))
+    return _compile(fn, arch, types_, const, _options(warps, maxnreg=maxnreg), divisible=_divisible(D))
 
 
 def compile_rope(fn, *, arch, D, dtype):

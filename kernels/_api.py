@@ -221,7 +221,7 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
             *blocks, density = _sparse.select(hnd[0], hnd[1], block_m=tile.block_m, block_n=tile.block_n,
                                               causal=is_causal, scale=scale, sparsity=sparse.sparsity)
         quant = dict(dims=dims, scale=scale, block_m=tile.block_m, block_n=tile.block_n, fp8_v=fp8_v, k_token=k_token,
-                     lse=lse, int8_v=int8_v, rot=_quant.rotation_for(pv, D))
+                     lse=lse, int8_v=int8_v, rot=_quant.rotation_for(pv, D), maxnreg=entry.quant_cap(DP))
         qz = _quant.quantize_taking(hnd, **quant) if release else _quant.quantize(*hnd, **quant)
         out = torch.empty(out_shape, dtype=dtype, device=device)  # after the 16-bit tensors that went
         vh = v_meta if hnd[2] is None else hnd[2]

@@ -56,10 +56,18 @@ class ArchEntry:
     sparse_pv: str = "int8"
     # the P·V paths fastest first, as calibration tries them after pv_auto (measured on sm90, datasheets elsewhere)
     pv_order: tuple = ("int8", "fp8", "fp16", "fine")
+    quant_maxnreg: dict = field(default_factory=dict)  # padded head dim -> register cap of the quantization pass
 
     def pv_by_holds(self, head_dim: int) -> bool:
         """Whether pv_by (and pv_by_min_pairs) apply to this head dim on this machine."""
         return not self.pv_by_ws or (head_dim == head_dim_bucket(head_dim) and ws_usable())
+
+    def quant_cap(self, bucket: int) -> int | None:
+        """quant_maxnreg at this padded head dim on this Triton: none before 3.4 (no tensor descriptors), whose
+        compiler spills 288-976 B a thread under it where the pass rotates q and k (sm90, offline)."""
+        from ._compat import has_tensor_descriptors
+
+        return self.quant_maxnreg.get(bucket) if has_tensor_descriptors() else None
 
     def pv_for(self, head_dim: int, causal: bool = False) -> str:
         if not self.pv_by_holds(head_dim):
@@ -131,8 +139,8 @@ ARCHES = {
                       "datasheet, not measured)", _ADA, 1 << 22),
     "sm90": ArchEntry("sm90", True, "fp8", "H100/H200: head dims 64 and 128 (full and causal) take FP16 P·V "
                       "with rotated q and k in the warp-specialized kernel (relative L1 0.010-0.011 against FP8's "
-                      "0.037, at 0.87-0.94x FP8's speed, H200); FP8 P·V at other head dims and where that kernel is "
-                      "off (a Triton other than 3.6), where FP16 P·V runs the slower Triton kernel", _HOPPER,
+                      "0.037, at 0.89-0.95x FP8's speed, H200); FP8 P·V at other head dims and where that kernel is "
+                      "off (a Triton other than 3.6 or 3.9), where FP16 P·V runs the slower Triton kernel", _HOPPER,
                       8192 * 8192,
                       # crossovers with cuDNN in the H200 grid (bench/results): full attention gains from N=4096
                       # with FP8 P·V (kernel v7; v12: 490 against 439 at hd64), causal from N=8192; with FP16 P·V
@@ -158,7 +166,12 @@ ARCHES = {
                       # N=8k-16k, 0.96x at 32k); causal too from v12 (0.90-0.94x FP8 from N=8192, 0.99-1.13x
                       # SageAttention 2). Where that kernel does not run, FP16 P·V is the Triton kernel's (hd128
                       # 32k: 583-626 TOPS, cuDNN's speed, against FP8's 790-800 in v8): auto stays FP8 there.
-                      pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}, pv_by_ws=True),
+                      pv_by={(d, c): "fp16" for d in (64, 128) for c in (False, True)}, pv_by_ws=True,
+                      # the rotation takes the 8-warp pass to 134 registers at head dim 128: over 128, one program
+                      # an SM instead of two. Capped, the pass ran 0.64-0.68x the time and auto's call 0.6-1.5%
+                      # faster from N=8k (H200; Triton 3.6: no spill, 3.9: 16-24 B and 1.3-2.6%). Not on sm80-120:
+                      # there the cap spills 96-136 B in the launch with the LSE (offline), not measurable here.
+                      quant_maxnreg={128: 128}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),
     # TRITON_INTERPRET=1 on CPU tensors: the same kernels run in numpy; small tiles keep tests fast.

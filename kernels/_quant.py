@@ -100,6 +100,8 @@ def _quant_q(Q, Q8, QS, LSE, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq,
     # q: per-token scale, with softmax scale * log2(e) (and the rotation's 1/ROT) folded in.
     d = tl.arange(0, DP)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if Q_DOT_KMEAN:  # K's mean before q's tile is loaded: the two tiles are never live together (registers)
+        m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N, ROT)
     x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
                    + d[None, :], rows < Nq, d, D, DP, ROT)
     amax = tl.max(tl.abs(x), axis=1)
@@ -112,7 +114,6 @@ def _quant_q(Q, Q8, QS, LSE, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq,
         # softmax scale · q·m in fp32 from the unquantized q: what the kernel's LSE lacks after K's smoothing,
         # written into the LSE output, to which the attention kernel adds its own (no buffer of its own); both
         # rotated where ROT > 1: (qH)·(mH) = ROT · q·m
-        m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N, ROT)
         tl.store(LSE + bh.to(tl.int64) * Nq + rows, tl.sum(x * m[None, :], axis=1) * (q_mult * LN2 / ROT),
                  mask=rows < Nq)
 
@@ -266,18 +267,20 @@ def _ceil(n: int, m: int) -> int:
 
 
 def quantize(q, k, v, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
-             k_token: bool = False, lse: torch.Tensor | None = None, int8_v: bool = False, rot: int = 1) -> Quantized:
+             k_token: bool = False, lse: torch.Tensor | None = None, int8_v: bool = False, rot: int = 1,
+             maxnreg: int | None = None) -> Quantized:
     """q, k, v as [B, H, N, D] views (any strides, last dim contiguous); `dims` gives (B, Hq, Hkv, Nq, Nk, D, DP).
     `lse` ([B, Hq, Nq] fp32, the call's LSE output): receives scale · q·kmean per query row, the part of the LSE
     that K's smoothing takes out; the attention kernel adds the rest. `int8_v`: v as INT8 per key block and
-    channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width. One launch."""
+    channel (with column sums); `rot` > 1: q and k rotated by the block-Hadamard matrix of that width; `maxnreg`: a
+    register cap (the arch table's quant_maxnreg). One launch."""
     return _quantize([q, k, v], False, dims=dims, scale=scale, block_m=block_m, block_n=block_n, fp8_v=fp8_v,
-                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot)
+                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot, maxnreg=maxnreg)
 
 
 def quantize_taking(qkv: list, *, dims, scale: float, block_m: int, block_n: int, fp8_v: bool,
                     k_token: bool = False, lse: torch.Tensor | None = None, int8_v: bool = False,
-                    rot: int = 1) -> Quantized:
+                    rot: int = 1, maxnreg: int | None = None) -> Quantized:
     """`quantize` of [q, k, v] handed over in a list that holds their only references (ComfyUI core's containers):
     q, k and v are quantized by separate launches of the same compiled kernel, in that order, and each leaves the
     list (qkv[i] = None) as soon as its launch is queued, before the next one's buffers are allocated, so those reuse
@@ -287,10 +290,10 @@ def quantize_taking(qkv: list, *, dims, scale: float, block_m: int, block_n: int
     size where SDPA holds q+k+v and its output, 4 times. The same results as `quantize`, bit for bit (each program
     computes the same values in either launch), from the binary that call compiled (`ROLE0`)."""
     return _quantize(qkv, True, dims=dims, scale=scale, block_m=block_m, block_n=block_n, fp8_v=fp8_v,
-                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot)
+                     k_token=k_token, lse=lse, int8_v=int8_v, rot=rot, maxnreg=maxnreg)
 
 
-def _quantize(src: list, split: bool, *, dims, scale, block_m, block_n, fp8_v, k_token, lse, int8_v, rot):
+def _quantize(src: list, split: bool, *, dims, scale, block_m, block_n, fp8_v, k_token, lse, int8_v, rot, maxnreg):
     # Holds no tensor of `src` in a local: with `split`, src[i] = None must free it.
     B, Hq, Hkv, Nq, Nk, D, DP = dims
     dev = src[0].device
@@ -310,7 +313,8 @@ def _quantize(src: list, split: bool, *, dims, scale, block_m, block_n, fp8_v, k
             Q, K, V, q8, qs, qs if lse is None else lse, K8, KS, KM, V8, VS, VC, *strides,
             Hq, Hkv, B * Hq, B * Hkv, Nq, Nk, Nq_pad, Nk_pad, scale * LOG2E, role0,
             D=D, DP=DP, DS=DS, BLOCK_Q=block_m, BLOCK_K=block_n, SAMPLE_N=SAMPLE, QUANT_V=quant_v, K_TOKEN=k_token,
-            Q_DOT_KMEAN=lse is not None, V_INT8=int8_v, ROT=rot, num_warps=quant_warps(DP), **launch_options(),
+            Q_DOT_KMEAN=lse is not None, V_INT8=int8_v, ROT=rot, num_warps=quant_warps(DP),
+            **launch_options(maxnreg),
         )
 
     def k_buffers():

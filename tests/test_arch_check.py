@@ -228,14 +228,22 @@ def _int8_tiles_checked():
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 
 
+# The quantization pass under the arch table's register cap (quant_maxnreg, sm90 hd128): Triton 3.9 spills 16-24 B
+# there (3.6 none), and the capped pass still ran 0.64x the uncapped one's time (H200, bench/NOTES.md)
+CAPPED_QUANT_SPILL = 32
+
+
 def test_quant_and_rope_never_spill(report):
     """On every Triton: the quantization kernel (8 warps from head dim 128, _quant.quant_warps) and rope; the
     quantization that rotates q and k on the tensor cores (every pv but fp8: _quant.rotation_for) where its choices
-    were made (_int8_tiles_checked; elsewhere bounded like every other spill)."""
+    were made (_int8_tiles_checked; elsewhere bounded like every other spill). Capped builds within
+    CAPPED_QUANT_SPILL."""
     rep, _ = report
     rows = [r for r in rep["configs"] if r["kernel"] == "rope"
             or (r["kernel"] == "quant" and (_int8_tiles_checked() or r["pv"] == "fp8"))]
-    assert rows and not _spills(rows)
+    assert rows and not _spills([r for r in rows if not r.get("maxnreg")])
+    capped = [r for r in rows if r.get("maxnreg")]
+    assert all(r["stack"] <= CAPPED_QUANT_SPILL for r in capped), _spills(capped)
 
 
 @pytest.mark.skipif(not _has_descriptors(), reason="tiles tuned on Tritons with tensor descriptors (docstring)")

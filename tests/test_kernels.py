@@ -133,6 +133,28 @@ def test_quantization_kernel_matches_model_bit_for_bit():
     assert torch.allclose(qz.vs[..., :80].cpu(), vs, rtol=1e-6)
 
 
+def test_quantization_register_cap_comes_from_the_arch_table(monkeypatch):
+    # sm90 caps the 8-warp pass at 128 registers at head dim 128 (two programs an SM; H200: 0.64-0.68x the time),
+    # on Tritons with tensor descriptors only (3.2's compiler spills 288-976 B under it)
+    from comfy_sage.kernels import _compat
+
+    sm90 = _arch.ARCHES["sm90"]
+    assert sm90.quant_cap(64) is None and _arch.ARCHES["sm89"].quant_cap(128) is None
+    assert sm90.quant_cap(128) == (128 if _compat.has_tensor_descriptors() else None)
+    entry = dataclasses.replace(_arch.arch_of(torch.device(DEV)), quant_maxnreg={64: 96})
+    monkeypatch.setattr(_arch, "arch_of", lambda device: entry)
+    caps = []
+    real = _quant.launch_options
+    monkeypatch.setattr(_quant, "launch_options", lambda maxnreg=None: caps.append(maxnreg) or real(maxnreg))
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, device=DEV, seed=3)
+    capped = sage_attention(q, k, v, pv="fp16")
+    assert caps == [96 if _compat.has_tensor_descriptors() else None]
+    entry = dataclasses.replace(entry, quant_maxnreg={})
+    assert torch.equal(sage_attention(q, k, v, pv="fp16"), capped) and caps[1:] == [None]  # same bytes out
+    monkeypatch.setattr(_compat, "has_tensor_descriptors", lambda: False)
+    assert sm90.quant_cap(128) is None
+
+
 def test_int8_quantization_matches_model():
     """pv="int8": q and k rotated (head dim 80: 16-wide Hadamard blocks), K per token, V per key block and channel
     with its column sums; the rotation sums in another order than the model (a rounding may flip by one)."""
