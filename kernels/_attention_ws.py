@@ -20,8 +20,8 @@ longest tiles run first.
 
 Used where the sm90 table gives a tile `ws` (FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
 copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with on a GPU
-(TESTED_TRITON); everything else runs _attention.py. It also compiles with Triton 3.7-3.9 (COMPILES_ON, the offline
-arch check), where COMFY_SAGE_WS=1 runs it. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py
+(TESTED_TRITON: 3.6 and 3.9); everything else runs _attention.py. It also compiles with Triton 3.7 and 3.8
+(COMPILES_ON, the offline arch check), where COMFY_SAGE_WS=1 runs it. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py
 checks it against _attention.py on the GPU.
 """
 import functools
@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 from ._arch import bulk_copyable
 from ._attention import LN2, MAGIC, MAGIC_BITS, P_SHIFT_FP8, _max_tree, _mma_a_order
+from ._compat import launch_options
 
 # the bulk copy global -> shared, same arguments: `async_load` from Triton 3.7 (3.9 removed the older name)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -42,7 +43,7 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 FP8_SHIFT = gl.constexpr(P_SHIFT_FP8)
 
 PRODUCER_REGS = gl.constexpr(24)  # the least setmaxnreg allows: the producer holds only scalars
-TESTED_TRITON = ("3.6.",)  # run on a GPU against _attention.py: used by default only on these
+TESTED_TRITON = ("3.6.", "3.9.")  # run on a GPU against _attention.py: used by default only on these
 # Gluon's API moves between releases: the Tritons this source compiles with (the offline arch check, sm90), where
 # COMFY_SAGE_WS=1 may run it; others run _attention.py
 COMPILES_ON = ("3.6.", "3.7.", "3.8.", "3.9.")
@@ -368,4 +369,4 @@ def attention(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnre
         out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Nq, Nk, Nq_pad, Nk_pad,
         BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=lse is not None, CONSUMERS=consumers, STAGES=stages,
         CONSUMER_REGS=consumer_regs(consumers, maxnreg), PV16=v is not None, CAUSAL=bool(causal), num_warps=4,
-        maxnreg=maxnreg)
+        **launch_options(maxnreg))

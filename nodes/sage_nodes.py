@@ -46,7 +46,7 @@ class ApplySageAttention:
                 "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off: default attention, but the run is still "
                                         "timed so a report or compare node can use it as the baseline."}),
                 "pv": (PV, {"default": "auto", "tooltip": "P·V precision: auto = the GPU's choice (INT8 on RTX "
-                            "30xx/40xx/50xx; on H100/H200 FP16 at head dims 64/128 with Triton 3.6, FP8 at others and "
+                            "30xx/40xx/50xx; on H100/H200 FP16 at head dims 64/128 with Triton 3.6 or 3.9, FP8 at others and "
                             "on other Tritons; FP16 on A100). fp8: the fastest on H100/H200. " + _INT8_TIP}),
                 "print_summary": ("BOOLEAN", {"default": False, "tooltip": "Print what ran (8-bit/exact per step) "
                                               "to the console after each sampling."}),
