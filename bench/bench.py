@@ -254,20 +254,25 @@ def plot(rows, path, gpu=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one colour per method across the panels (the default cycle of ten gave SDPA and the peers the same ones);
+    # SDPA's backends dashed, the peers dotted, ours solid
+    names = list(dict.fromkeys(k for r in rows for k in r if k not in META))
+    colors = dict(zip(names, plt.get_cmap("tab20").colors))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     for ax, (D, causal) in zip(axes.flat, [(64, False), (64, True), (128, False), (128, True)]):
         sel = [r for r in rows if r["D"] == D and r["causal"] == causal]
-        names = [k for k in sel[0] if k not in META]
         for name in names:
-            ax.plot([r["N"] for r in sel], [r.get(name) or float("nan") for r in sel], marker="o", label=name)
+            style = "--" if name.startswith("sdpa_") else "-" if name.startswith("sage_") else ":"
+            ax.plot([r["N"] for r in sel], [r.get(name) or float("nan") for r in sel], style, marker="o",
+                    color=colors[name], label=name)
         ax.set_xscale("log", base=2)
         ax.set_title(f"head dim {D}, {'causal' if causal else 'full'}")
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TOPS")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.suptitle(f"comfy_sage vs SDPA on {gpu or torch.cuda.get_device_name()} (fp16, quantization included)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=110)
 
 
