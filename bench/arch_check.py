@@ -194,7 +194,8 @@ def tile_text(c):
         return (f"({c['block_m']},{c['block_n']}) rows {c['rows']}, {c['num_warps']} warps"
                 + " H=1" * (c.get("heads") == 1))
     if c["kernel"] == "quant":
-        return f"({c['block_m']},{c['block_n']},{c['num_warps']})" + f" maxnreg {c['maxnreg']}" * bool(c.get("maxnreg"))
+        cap = f" maxnreg {c['maxnreg']}" if c.get("maxnreg") else ""
+        return f"({c['block_m']},{c['block_n']},{c['num_warps']}){cap}"
     if c["kernel"] == "attn_ws":
         return (f"({c['block_m']},{c['block_n']}) ws {c['consumers']}x4 warps +1, {c['ws_stages']} stages, "
                 f"maxnreg {c['maxnreg']}")

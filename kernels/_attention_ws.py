@@ -21,8 +21,8 @@ longest tiles run first.
 Used where the sm90 table gives a tile `ws` (FP8 or FP16 P·V, head dim exactly 64 or 128, bulk
 copies, a 16-bit v with 16-byte aligned rows) and the installed Triton is one this was measured with on a GPU
 (TESTED_TRITON: 3.6 and 3.9); everything else runs _attention.py. It also compiles with Triton 3.7 and 3.8
-(COMPILES_ON, the offline arch check), where COMFY_SAGE_WS=1 runs it. Triton's CPU interpreter does not run Gluon: tests/test_kernels_gpu.py
-checks it against _attention.py on the GPU.
+(COMPILES_ON, the offline arch check), where COMFY_SAGE_WS=1 runs it. Triton's CPU interpreter does not run Gluon:
+tests/test_kernels_gpu.py checks it against _attention.py on the GPU.
 """
 import functools
 import os

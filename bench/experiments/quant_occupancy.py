@@ -1,8 +1,9 @@
-"""The quantization pass's register cap (bench/NOTES.md "Next on the H200" 2): the block-Hadamard rotation takes the
-sm90 build from 108 to 134 registers at hd128 (8 warps: one program an SM instead of two), counted offline. This
-times the rotated pass (16-bit P·V's: no V quantization) and the whole `pv="auto"` call with and without a
-128-register cap on the pass (the arch table's quant_maxnreg), at the grid's shapes, checks that the capped pass writes the same bytes, and records
-each build's registers and spills. On a GPU: `OUT=dir python -m comfy_sage.bench.experiments.quant_occupancy`."""
+"""The quantization pass's register cap (bench/NOTES.md, v13): the block-Hadamard rotation takes the sm90 build
+from 108 to 134 registers at hd128 (8 warps: one program an SM instead of two), counted offline. This times the
+rotated pass (16-bit P·V's: no V quantization) and the whole `pv="auto"` call with and without a 128-register cap
+on the pass (the arch table's quant_maxnreg), at the grid's shapes, checks that the capped pass writes the same
+bytes, and records each build's registers and spills. On a GPU:
+`OUT=dir python -m comfy_sage.bench.experiments.quant_occupancy`."""
 import contextlib
 import dataclasses
 import json
