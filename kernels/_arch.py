@@ -170,7 +170,7 @@ ARCHES = {
                       # the rotation takes the 8-warp pass to 134 registers at head dim 128: over 128, one program
                       # an SM instead of two. Capped, the pass ran 0.64-0.68x the time and auto's call 0.6-1.5%
                       # faster from N=8k (H200; Triton 3.6: no spill, 3.9: 16-24 B and 1.3-2.6%). Not on sm80-120:
-                      # there the cap spills 96-136 B in the launch with the LSE (offline), not measurable here.
+                      # there the cap spills 96-152 B in the launch with the LSE (offline), not measurable here.
                       quant_maxnreg={128: 128}),
     "sm120": ArchEntry("sm120", True, "int8", "RTX 50xx: INT8 P·V (2x the rate of FP8 with FP32 accumulation; by "
                        "datasheet, not measured)", _ADA, 1 << 22),

@@ -104,18 +104,18 @@ def _quant_q(Q, Q8, QS, LSE, K, bh, b, h, pid, sqb, sqh, sqn, skb, skh, skn, Nq,
         m = _k_mean(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, skn, Nk, d, D, DP, SAMPLE_N, ROT)
     x = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn
                    + d[None, :], rows < Nq, d, D, DP, ROT)
-    amax = tl.max(tl.abs(x), axis=1)
-    s = tl.where(amax > 0, amax / 127.0, 1.0)
-    x8 = _round_int8(x * (1.0 / s)[:, None])
-    base = (bh.to(tl.int64) * Nq_pad + rows) * DS
-    tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
-    tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * (q_mult / ROT))
     if Q_DOT_KMEAN:
         # softmax scale · q·m in fp32 from the unquantized q: what the kernel's LSE lacks after K's smoothing,
         # written into the LSE output, to which the attention kernel adds its own (no buffer of its own); both
         # rotated where ROT > 1: (qH)·(mH) = ROT · q·m
         tl.store(LSE + bh.to(tl.int64) * Nq + rows, tl.sum(x * m[None, :], axis=1) * (q_mult * LN2 / ROT),
                  mask=rows < Nq)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.where(amax > 0, amax / 127.0, 1.0)
+    x8 = _round_int8(x * (1.0 / s)[:, None])
+    base = (bh.to(tl.int64) * Nq_pad + rows) * DS
+    tl.store(Q8 + base[:, None] + d[None, :], x8, mask=d[None, :] < D)
+    tl.store(QS + bh.to(tl.int64) * Nq_pad + rows, s * (q_mult / ROT))
 
 
 @triton.jit
