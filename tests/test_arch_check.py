@@ -233,6 +233,10 @@ def _int8_tiles_checked():
 CAPPED_QUANT_SPILL = 32
 
 
+def _capped_quant(r):
+    return r["kernel"] == "quant" and bool(r.get("maxnreg"))
+
+
 def test_quant_and_rope_never_spill(report):
     """On every Triton: the quantization kernel (8 warps from head dim 128, _quant.quant_warps) and rope; the
     quantization that rotates q and k on the tensor cores (every pv but fp8: _quant.rotation_for) where its choices
@@ -241,8 +245,8 @@ def test_quant_and_rope_never_spill(report):
     rep, _ = report
     rows = [r for r in rep["configs"] if r["kernel"] == "rope"
             or (r["kernel"] == "quant" and (_int8_tiles_checked() or r["pv"] == "fp8"))]
-    assert rows and not _spills([r for r in rows if not r.get("maxnreg")])
-    capped = [r for r in rows if r.get("maxnreg")]
+    assert rows and not _spills([r for r in rows if not _capped_quant(r)])
+    capped = [r for r in rows if _capped_quant(r)]
     assert all(r["stack"] <= CAPPED_QUANT_SPILL for r in capped), _spills(capped)
 
 
@@ -284,7 +288,8 @@ def test_select_never_spills(report):
 @pytest.mark.skipif(not _int8_tiles_checked(), reason="int8 tiles chosen from Triton 3.9's compiles")
 def test_int8_pv_never_spills(report):
     """pv="int8" on every arch: the tiles its table entries name were chosen so that nothing spills (the 4-warp
-    Ampere tile spilled 8-40 B at head dims 32-64, 128-wide Hadamard blocks 272-736 B in the quantization kernel)."""
+    Ampere tile spilled 8-40 B at head dims 32-64, 128-wide Hadamard blocks 272-736 B in the quantization kernel);
+    the capped quantization builds are bounded in test_quant_and_rope_never_spill."""
     rep, _ = report
-    rows = [r for r in rep["configs"] if r.get("pv") == "int8"]
+    rows = [r for r in rep["configs"] if r.get("pv") == "int8" and not _capped_quant(r)]
     assert rows and not _spills(rows)
