@@ -155,13 +155,23 @@ def v_slot(n):
 
 
 @triton.jit
+def v_key(s):
+    """The key at slot s of v8's token axis: v_slot's inverse."""
+    return (s & ~14) | ((s >> 1) & 6) | ((s << 2) & 8)
+
+
+@triton.jit
 def _quant_v(V, V8, VS, VC, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
              D: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr, V_INT8: tl.constexpr):
     # v, written transposed [D, Nk_pad], pad tokens zeros. FP8: per-channel scale (computed before the launch).
     # INT8: this program's tokens are one key block; a scale per channel of it, and its int8 column sums (the
-    # attention kernel folds P's offset of 128 back through them).
+    # attention kernel folds P's offset of 128 back through them). The tile's rows are loaded in slot order
+    # (each row is still one contiguous read), so that the store's addresses run along the tile's rows, where
+    # Triton's coalescing sees them: through v_slot in the store's address, Triton 3.9 wrote a byte per channel
+    # row at a time, 3.3x the pass's time on the H200 (bench/NOTES.md, session 15).
     d = tl.arange(0, DP)
-    rows = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    slots = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = v_key(slots)
     x = _load_tile(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn
                    + d[None, :], rows < Nk, d, D, DP, 1)
     if V_INT8:
@@ -176,7 +186,7 @@ def _quant_v(V, V8, VS, VC, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
     else:
         s = tl.load(VS + bh.to(tl.int64) * DP + d)
         x8 = (x * (1.0 / s)[None, :]).to(tl.float8e4nv)
-    tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + v_slot(rows)[:, None], x8, mask=d[None, :] < D)
+    tl.store(V8 + (bh.to(tl.int64) * D + d[None, :]) * Nk_pad + slots[:, None], x8, mask=d[None, :] < D)
 
 
 @triton.jit(do_not_specialize=["ROLE0"])

@@ -114,6 +114,15 @@ def _v8_slots(n):
     return (n & ~14) | ((n >> 2) & 2) | ((n << 1) & 12)
 
 
+def test_v_key_inverts_v_slot():
+    # the V quantization loads the key of each slot (v_key) and stores it at that slot: a permutation within 16
+    n = torch.arange(256)
+    slot = _quant.v_slot.fn(n)
+    assert torch.equal(slot, _v8_slots(256))
+    assert torch.equal(_quant.v_key.fn(slot), n) and torch.equal(_quant.v_slot.fn(_quant.v_key.fn(n)), n)
+    assert torch.equal(slot // 16, n // 16)
+
+
 def test_quantization_kernel_matches_model_bit_for_bit():
     q, k, v = make_qkv(1, 2, 1, 40, 70, 80, device=DEV, kind="kbias", seed=5)
     dims = (1, 2, 1, 40, 70, 80, 128)
