@@ -167,8 +167,8 @@ def _quant_v(V, V8, VS, VC, bh, b, h, pid, svb, svh, svn, Nk, Nk_pad,
     # INT8: this program's tokens are one key block; a scale per channel of it, and its int8 column sums (the
     # attention kernel folds P's offset of 128 back through them). The tile's rows are loaded in slot order
     # (each row is still one contiguous read), so that the store's addresses run along the tile's rows, where
-    # Triton's coalescing sees them: through v_slot in the store's address, Triton 3.9 wrote a byte per channel
-    # row at a time, 3.3x the pass's time on the H200 (bench/NOTES.md, session 15).
+    # Triton's coalescing sees them: with v_slot in the store's address it stored single bytes, which Triton 3.9
+    # did not coalesce (the pass 3.2-3.9x its 3.6 time on the H200; bench/NOTES.md, v14).
     d = tl.arange(0, DP)
     slots = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = v_key(slots)
