@@ -112,6 +112,9 @@ def unsupported(arch):
     return f"the ptxas of this Triton ({_ptxas_version(int(arch[2:]))}) has no sm_{arch[2:]} target"
 
 
+KERNELS = ("attn", "attn_ws", "quant", "rope", "select")
+
+
 def configs(archs=ARCHS, ws=None, dims=DIMS):
     """Every compile the table can make: dicts naming the kernel and its parameters."""
     sass = _sass()
@@ -358,6 +361,23 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
     return _report(results, (arch,), time.perf_counter() - t0, jobs)
 
 
+def merged(path, new, kernels):
+    """The report at `path` with its rows of `kernels` replaced by `new`'s where `new` compiled the same config (a
+    new config is appended; rows `new` did not compile, e.g. other arches, stay), its totals recomputed and the
+    merge recorded: a kernel that changed, recompiled alone."""
+    with open(path) as f:
+        old = json.load(f)
+    if old["triton"] != new["triton"]:
+        raise SystemExit(f"{path} was compiled with Triton {old['triton']}, this is {new['triton']}")
+    fresh = {label(r) + tile_text(r): r for r in new["configs"]}
+    rows = [fresh.pop(label(r) + tile_text(r), r) if r["kernel"] in kernels else r for r in old["configs"]]
+    rows += list(fresh.values())
+    report = _report(rows, tuple(old["limits"]["shared_bytes_per_block"]), old["wall_s"], old["jobs"], old["skipped"])
+    report.update({k: old[k] for k in ("date", "note") if k in old}, merged=old.get("merged", []) + [
+        {"kernels": sorted(kernels), "date": new["date"], "configs": len(new["configs"]), "wall_s": new["wall_s"]}])
+    return report
+
+
 def _line(r):
     if "error" in r:
         return f"{label(r)} {tile_text(r)}: ERROR {r['error']}"
@@ -385,7 +405,12 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs=3, metavar=("ARCH", "DIM", "PV"),
                     help="compile the --tile candidates for one table key instead of the table")
     ap.add_argument("--tile", action="append", default=[], help="block_m,block_n,warps,stages[,maxnreg]")
+    ap.add_argument("--kernel", action="append", choices=KERNELS, help="only these kernels (repeatable)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --kernel: put the new rows in place of those kernels' rows of the report at --out")
     a = ap.parse_args(argv)
+    if a.merge and not a.kernel:
+        ap.error("--merge replaces the rows of the kernels --kernel names")
     why = toolchain_missing()
     if why:
         print(f"arch check skipped: {why}")
@@ -396,8 +421,12 @@ def main(argv=None):
         report = sweep(a.sweep[0], int(a.sweep[1]), a.sweep[2], [tuple(map(int, t.split(","))) for t in a.tile],
                        a.jobs)
     else:
-        report = run(tuple(a.arch or ARCHS), a.jobs, select=quick if a.quick else None, dims=tuple(a.dim or DIMS))
+        kernels = set(a.kernel or KERNELS)
+        report = run(tuple(a.arch or ARCHS), a.jobs, dims=tuple(a.dim or DIMS),
+                     select=lambda c: c["kernel"] in kernels and (not a.quick or quick(c)))
     out = a.out or os.path.join(RESULTS, f"arch-check-triton-{triton.__version__}.json")
+    if a.merge:
+        report = merged(out, report, a.kernel)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")

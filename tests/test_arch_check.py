@@ -222,9 +222,9 @@ def _spills(rows):
 
 
 def _int8_tiles_checked():
-    """The INT8 P·V path's tiles and the rotation's width were chosen from Triton 3.9's compiles: on 3.6 four
-    rotating quantization configs spill 8 B (sm80 hd72 int8, sm80/86/89 hd80 fp16), on 3.2 the rotating ones
-    (every pv but fp8) 8-480 B on sm80-89 at head dims 72-256 (bench/results/arch-check-*)."""
+    """The INT8 P·V path's tiles and the rotation's width were chosen from Triton 3.9's compiles: on 3.6 three
+    rotating quantization configs spill 8 B (sm80/86/89 hd80 fp16), on 3.2 rotating ones (every pv but fp8)
+    40-320 B (sm80 with the LSE at head dims 40-128, sm90 int8 at 80-96; bench/results/arch-check-*, kernel v14)."""
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 
 
@@ -293,3 +293,24 @@ def test_int8_pv_never_spills(report):
     rep, _ = report
     rows = [r for r in rep["configs"] if r.get("pv") == "int8" and not _capped_quant(r)]
     assert rows and not _spills(rows)
+
+
+def test_merge_replaces_only_the_named_kernels_rows(report, tmp_path):
+    # `--kernel K --merge`: a changed kernel recompiled alone into a committed report (bench/results)
+    rep, _ = report
+    out = tmp_path / "merged.json"
+    stale = [dict(r, regs=0, stale=True) if r["kernel"] == "rope" and r["arch"] == "sm80" else r
+             for r in rep["configs"]]
+    out.write_text(json.dumps(dict(rep, configs=stale)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "arch_check.py"), "--out", str(out), "--arch", "sm80",
+           "--kernel", "rope", "--merge", "--jobs", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert len(got["configs"]) == len(rep["configs"])
+    rope = [r for r in got["configs"] if r["kernel"] == "rope" and r["arch"] == "sm80"]
+    assert rope and all(r["regs"] > 0 and "stale" not in r for r in rope)
+    assert [r for r in got["configs"] if r not in rope] == [r for r in rep["configs"] if not (
+        r["kernel"] == "rope" and r["arch"] == "sm80")]
+    assert got["merged"][-1]["kernels"] == ["rope"] and got["merged"][-1]["configs"] == len(rope)
