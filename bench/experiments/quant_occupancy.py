@@ -16,6 +16,7 @@ from triton.testing import do_bench
 from ...kernels import _arch, _quant, sage_attention
 from ..bench import tops
 from ..clocks import Clocks
+from .triton_split import builds
 
 CAPS = (None, 128)
 
@@ -30,17 +31,6 @@ def capped(maxnreg):
         yield
     finally:
         _arch.ARCHES[name] = orig
-
-
-def builds():
-    """Registers and spills of every compiled `_quant_kernel` (the cache's layout differs between Tritons)."""
-    rows = []
-    for cache in _quant._quant_kernel.device_caches.values():
-        kernels = cache[0] if isinstance(cache, tuple) else cache
-        for kern in kernels.values():
-            rows.append(dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None),
-                             maxnreg=getattr(kern.metadata, "maxnreg", None), warps=kern.metadata.num_warps))
-    return rows
 
 
 def main():
@@ -71,7 +61,7 @@ def main():
                 print(r, flush=True)
                 rows.append(r)
     res = dict(triton=triton.__version__, torch=torch.__version__, device=torch.cuda.get_device_name(),
-               rows=rows, builds=builds())
+               rows=rows, builds=builds([("quant", _quant._quant_kernel)]))
     print(res["builds"], flush=True)
     with open(os.path.join(out, f"quant-occupancy-triton-{triton.__version__}.json"), "w") as f:
         json.dump(res, f, indent=1)

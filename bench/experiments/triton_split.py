@@ -21,15 +21,17 @@ SHAPES = [(128, 24, 4096, False), (128, 24, 16384, False), (128, 24, 32768, Fals
           (128, 24, 32768, True), (64, 32, 4096, False), (64, 32, 32768, False)]
 
 
-def builds():
-    """Registers and spills of every compiled kernel of the package (the cache's layout differs between Tritons)."""
-    fns = [("quant", _quant._quant_kernel), ("v_amax", _quant._v_amax_kernel), ("attn", _attention._attn_kernel)]
-    try:
-        from ...kernels import _attention_ws
+def builds(fns=None):
+    """Registers and spills of every compiled build of `fns` ((name, jit function) pairs; default: the package's
+    kernels), read from Triton's caches (their layout differs between Tritons)."""
+    if fns is None:
+        fns = [("quant", _quant._quant_kernel), ("v_amax", _quant._v_amax_kernel), ("attn", _attention._attn_kernel)]
+        try:
+            from ...kernels import _attention_ws
 
-        fns.append(("ws", _attention_ws._attn_ws_kernel))
-    except Exception:  # noqa: BLE001 - a Triton without Gluon
-        pass
+            fns.append(("ws", _attention_ws._attn_ws_kernel))
+        except Exception:  # noqa: BLE001 - a Triton without Gluon
+            pass
     rows = []
     for name, fn in fns:
         for cache in getattr(fn, "device_caches", {}).values():
@@ -37,7 +39,7 @@ def builds():
             for key, kern in kernels.items():
                 rows.append(dict(kernel=name, n_regs=getattr(kern, "n_regs", None),
                                  n_spills=getattr(kern, "n_spills", None), warps=kern.metadata.num_warps,
-                                 key=str(key)[:300]))
+                                 maxnreg=getattr(kern.metadata, "maxnreg", None), key=str(key)[:300]))
     return rows
 
 
