@@ -115,11 +115,17 @@ def unsupported(arch):
 KERNELS = ("attn", "attn_ws", "quant", "rope", "select")
 
 
+def quant_config(base, entry, pv):
+    """The quantization launch that a call on `pv` makes under `base`'s tile and head dim (_api._kernel)."""
+    dp = base["bucket"]
+    return dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
+                num_warps=_sass().kernel_module("_quant").quant_warps(dp), maxnreg=entry.quant_cap(dp))
+
+
 def configs(archs=ARCHS, ws=None, dims=DIMS):
     """Every compile the table can make: dicts naming the kernel and its parameters."""
     sass = _sass()
     arch_table = sass.kernel_module("_arch")
-    quant = sass.kernel_module("_quant")
     ws = ws_supported() if ws is None else ws
     out = []
     for name in archs:
@@ -134,8 +140,7 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                             block_n=tile.block_n, dtype="fp16", lse=False)
                 attn = dict(base, kernel="attn", num_warps=tile.num_warps, num_stages=tile.num_stages, tma=tma,
                             maxnreg=maxnreg, tile_tma=tile.tma, tile_maxnreg=tile.maxnreg)
-                quant_c = dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
-                               num_warps=quant.quant_warps(dp), maxnreg=entry.quant_cap(dp))
+                quant = quant_config(base, entry, pv)
                 for causal in (False, True):
                     out.append(dict(attn, causal=causal))
                     if D in SPARSE_DIMS and pv == entry.sparse_pv:  # the block-sparse variant sparse calls run
@@ -146,9 +151,9 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                             and (tile.ws.causal or not causal)):
                         out.append(dict(base, kernel="attn_ws", causal=causal, num_warps=4, consumers=tile.ws.consumers,
                                         ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg))
-                out += [dict(quant_c, lse=lse) for lse in (False, True)]
+                out += [dict(quant, lse=lse) for lse in (False, True)]
                 if D == BF16_DIM:  # a bf16 call that returns the LSE
-                    out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant_c, dtype="bf16", lse=True)]
+                    out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant, dtype="bf16", lse=True)]
         out += [dict(arch=name, cap=cap, head_dim=D, bucket=D, kernel="rope", dtype=dt, num_warps=4)
                 for D, dt in ROPE if D in dims]
         if SELECT_DIM in dims:
@@ -352,9 +357,7 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
                     dtype="fp16", lse=False)
         todo += [dict(base, kernel="attn", causal=c, num_warps=w, num_stages=st, tma=False, maxnreg=mr)
                  for c in (False, True)]
-        todo.append(dict(base, kernel="quant", fp8_v=pv == "fp8", k_token=pv == "fine", int8_v=pv == "int8",
-                         num_warps=sass.kernel_module("_quant").quant_warps(dp),
-                         maxnreg=sass.kernel_module("_arch").ARCHES[arch].quant_cap(dp)))
+        todo.append(quant_config(base, sass.kernel_module("_arch").ARCHES[arch], pv))
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     results = _pool_map(todo, jobs, log)
