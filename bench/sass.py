@@ -218,14 +218,8 @@ def tool(name):
 
 
 def ptxas(arch):
-    """The ptxas Triton runs for compute capability `arch` (3.5+: a separate one for sm100+ where bundled;
-    TRITON_PTXAS_PATH where set)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except (ImportError, TypeError, AttributeError):  # Triton 3.2-3.4: one ptxas
-        return os.environ.get("TRITON_PTXAS_PATH") or tool("ptxas")
+    """The ptxas Triton runs for compute capability `arch` (kernels/_compat.py's ptxas_path)."""
+    return compat().ptxas_path(arch)
 
 
 def ptxas_targets(arch):

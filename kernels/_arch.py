@@ -265,6 +265,11 @@ def doctor() -> dict:
         dev = torch.device("cuda", torch.cuda.current_device())
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["capability"] = "sm%d%d" % torch.cuda.get_device_capability(dev)
+        if info["triton"] is not None:
+            from ._compat import ptxas_release
+
+            major, minor = torch.cuda.get_device_capability(dev)
+            info["ptxas"] = ptxas_release(10 * major + minor)
         entry = arch_of(dev)
     else:
         info["gpu"] = None

@@ -4,6 +4,7 @@
 F.scaled_dot_product_attention, eager and compiled."""
 import dataclasses
 import logging
+import re
 import sys
 import types
 
@@ -243,6 +244,27 @@ def test_global_replacement_under_torch_compile_fullgraph(monkeypatch):
     if _arch.arch_of(q.device):
         assert counters() == {"int8-fp8pv": 1}  # the 8-bit op ran inside the graph; the masked call is SDPA's
     torch._dynamo.reset()
+
+
+def test_ptxas_release_names_the_ptxas_triton_runs(monkeypatch, tmp_path):
+    """The release of the ptxas Triton picks for an arch (3.9 compiles sm90 with CUDA 13.4's, sm80-89 with 12.9's):
+    read from the tool itself; None where it does not run."""
+    from comfy_sage.kernels import _compat
+
+    nv = pytest.importorskip("triton.backends.nvidia.compiler")
+    fake = tmp_path / "ptxas-fake"
+    fake.write_text("#!/bin/sh\necho 'ptxas: NVIDIA (R) Ptx optimizing assembler'\n"
+                    "echo 'Cuda compilation tools, release 13.4, V13.4.99'\n")
+    fake.chmod(0o755)
+    asked = []
+    monkeypatch.setattr(nv, "get_ptxas", lambda arch: asked.append(arch) or types.SimpleNamespace(path=str(fake)),
+                        raising=False)
+    assert _compat.ptxas_release(90) == f"13.4 ({fake})" and asked == [90]
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    assert _compat.ptxas_release(120) is None
+    monkeypatch.undo()
+    mine = _compat.ptxas_release(90)  # this machine's Triton: a release and a path, or None where it cannot run
+    assert mine is None or re.fullmatch(r"\d+\.\d+ \(.*ptxas[^/]*\)", mine), mine
 
 
 def test_doctor_states_where_this_triton_stands(monkeypatch):
