@@ -289,15 +289,20 @@ def cpu_accuracy(n=256, heads=2):
     return 0
 
 
+def environment():
+    """What a GPU result ran on: torch, Triton, the GPU and `doctor` (the ptxas release too: the same Triton's code
+    differs between them)."""
+    import triton
+
+    return dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
+                doctor=_arch.doctor())
+
+
 def run(args):
     """`python -m comfy_sage bench`, from the arguments comfy_sage/__main__.py declares (no torch needed to parse)."""
     if not torch.cuda.is_available():
         return cpu_accuracy(args.cpu_n)
-    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), doctor=_arch.doctor())
-    import triton
-
-    env["triton"] = triton.__version__
-    result = dict(env=env)
+    result = dict(env=environment())
     if args.sweep:
         T = _arch.Tile
         tiles = [T(64, 128, 4, 2, True), T(64, 128, 4, 3, True), T(64, 64, 4, 3, True), T(64, 64, 4, 4, True),
@@ -314,7 +319,7 @@ def run(args):
         if "speed_tops" in result:
             print(ratio_table(result["speed_tops"]))
     os.makedirs(args.out, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", result["env"]["gpu"]).strip("-").lower()
     kind = "-sweep" if args.sweep else "-accuracy" if args.accuracy_only else ""
     stem = os.path.join(args.out, f"{tag}-{datetime.date.today().isoformat()}{kind}")
     with open(stem + ".json", "w") as f:

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from ...kernels import _attention_ws, _quant, sage_attention
-from ..bench import KINDS, inputs, metrics, tops
+from ..bench import KINDS, environment, inputs, metrics, tops
 from .ws_causal import ws
 
 DEFAULT = {"c3s2": dict(consumers=3, stages=2, maxnreg=128), "c3s3": dict(consumers=3, stages=3, maxnreg=128),
@@ -134,7 +134,7 @@ def main():
     if sys.argv[1:2] == ["--plot"]:
         return plot(sys.argv[2])
     variants = json.loads(os.environ["VARIANTS"]) if os.environ.get("VARIANTS") else DEFAULT
-    res = {"gpu": torch.cuda.get_device_name(), "variants": variants}
+    res = {"gpu": torch.cuda.get_device_name(), "env": environment(), "variants": variants}
     if not os.environ.get("NOCHECK"):
         res["check"] = check(variants)
     if not os.environ.get("NOACC"):

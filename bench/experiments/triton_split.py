@@ -13,7 +13,7 @@ import triton
 from triton.testing import do_bench
 
 from ...kernels import _attention, _quant, sage_attention
-from ..bench import tops
+from ..bench import environment, tops
 from ..clocks import Clocks
 
 PATHS = ("fp8", "int8", "fp16")
@@ -92,7 +92,8 @@ def main():
                      clocks=clk.summary())
             print(r, flush=True)
             rows.append(r)
-    res = dict(triton=triton.__version__, torch=torch.__version__, device=torch.cuda.get_device_name(), rows=rows,
+    res = dict(triton=triton.__version__, torch=torch.__version__, device=torch.cuda.get_device_name(),
+               env=environment(), rows=rows,
                builds=builds())
     with open(os.path.join(out, f"triton-split-triton-{triton.__version__}.json"), "w") as f:
         json.dump(res, f, indent=1)
