@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Packs a Triton release (and SageAttention 2) small enough to carry to the lent H200 beside the tree (64 MiB a call),
 # for timing our kernels on a Triton other than the machine's (bench/NOTES.md, sessions 14-16).
-#   bash bench/pack_triton.sh [VERSION]        (default 3.9.0) -> .tw/triton-VERSION-sm90.tar.xz, .tw/sageattention-2.2.0-sm90.tar.xz
+#   bash bench/pack_triton.sh [VERSION]   (default 3.9.0): .tw/triton-VERSION-sm90.tar.xz and, where ../shared/peers
+#   has it, .tw/sageattention-2.2.0-sm90.tar.xz
 # On the device: mkdir -p /tmp/tw && tar -xJf .tw/triton-VERSION-sm90.tar.xz -C /tmp/tw and put /tmp/tw first on
 # PYTHONPATH (and .tw/lib, after tar -xJf .tw/sageattention-2.2.0-sm90.tar.xz -C .tw/lib, for SageAttention 2).
-# Kept: what compiles for sm90 with the ptxas that release itself runs there. From 3.9 that is ptxas-blackwell (a newer
-# CUDA than `ptxas`, which compiles sm80-89 only), so ptxas-blackwell stays and `ptxas` becomes a link to it; before
-# 3.9 there is one ptxas. Dropped: AMD, profiler and debugging pieces, headers, nvdisasm.
+# Kept: what compiles for sm90 with the ptxas that release itself runs there. From 3.9 that is ptxas-blackwell (a
+# newer CUDA than `ptxas`, which compiles sm80-89 only), so ptxas-blackwell stays and `ptxas` becomes a link to it;
+# before 3.9 there is one ptxas. Dropped: AMD, profiler and debugging pieces, headers, nvdisasm.
 set -euo pipefail
 ver=${1:-3.9.0}
 top=$(git rev-parse --show-toplevel)
