@@ -150,7 +150,8 @@ def configs(archs=ARCHS, ws=None, dims=DIMS):
                     if (ws and tile.ws is not None and tile.tma and pv in ("fp8", "fp16") and D == dp
                             and (tile.ws.causal or not causal)):
                         out.append(dict(base, kernel="attn_ws", causal=causal, num_warps=4, consumers=tile.ws.consumers,
-                                        ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg))
+                                        ws_stages=tile.ws.stages, maxnreg=tile.ws.maxnreg,
+                                        ctas=sass.kernel_module("_attention_ws").cluster(tile.ws.ctas, causal)))
                 out += [dict(quant, lse=lse) for lse in (False, True)]
                 if D == BF16_DIM:  # a bf16 call that returns the LSE
                     out += [dict(attn, causal=False, dtype="bf16", lse=True), dict(quant, dtype="bf16", lse=True)]
@@ -206,7 +207,7 @@ def tile_text(c):
         return f"({c['block_m']},{c['block_n']},{c['num_warps']}){cap}"
     if c["kernel"] == "attn_ws":
         return (f"({c['block_m']},{c['block_n']}) ws {c['consumers']}x4 warps +1, {c['ws_stages']} stages, "
-                f"maxnreg {c['maxnreg']}")
+                f"maxnreg {c['maxnreg']}" + (f", {c['ctas']}-CTA clusters" if c.get("ctas", 1) > 1 else ""))
     parts = [c["block_m"], c["block_n"], c["num_warps"], c["num_stages"]]
     parts += ["tma"] * c["tma"] + [c["maxnreg"]] * bool(c["maxnreg"])
     s = "(" + ",".join(map(str, parts)) + ")"
@@ -245,7 +246,7 @@ def compile_one(c):
             k = sass.compile_ws(ws._attn_ws_kernel, D=c["head_dim"], block_m=c["block_m"], block_n=c["block_n"],
                                 consumers=c["consumers"], stages=c["ws_stages"], maxnreg=c["maxnreg"],
                                 consumer_regs=ws.consumer_regs(c["consumers"], c["maxnreg"]), pv16=c["pv"] == "fp16",
-                                causal=c["causal"])
+                                causal=c["causal"], ctas=c.get("ctas", 1))
         r = sass.resources(k)
     except Exception as e:  # reported per config: one failing compile must not hide the others
         r = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]}
@@ -366,15 +367,18 @@ def sweep(arch, head_dim, pv, tiles, jobs=None, log=print):
 
 def merged(path, new, kernels):
     """The report at `path` with its rows of `kernels` replaced by `new`'s where `new` compiled the same config (a
-    new config is appended; rows `new` did not compile, e.g. other arches, stay), its totals recomputed and the
-    merge recorded: a kernel that changed, recompiled alone."""
+    new config is appended; a row of a kernel, arch and head dim that `new` compiled but not with that config is
+    gone from the table, and dropped; other rows, e.g. other arches, stay), its totals recomputed and the merge
+    recorded: a kernel that changed, recompiled alone."""
     with open(path) as f:
         old = json.load(f)
     if old["triton"] != new["triton"]:
         raise SystemExit(f"{path} was compiled with Triton {old['triton']}, this is {new['triton']}")
     fresh = {label(r) + tile_text(r): r for r in new["configs"]}
-    rows = [fresh.pop(label(r) + tile_text(r), r) if r["kernel"] in kernels else r for r in old["configs"]]
-    rows += list(fresh.values())
+    covered = {(r["kernel"], r["arch"], r["head_dim"]) for r in new["configs"]}
+    rows = [fresh.pop(label(r) + tile_text(r), None if (r["kernel"], r["arch"], r["head_dim"]) in covered else r)
+            if r["kernel"] in kernels else r for r in old["configs"]]
+    rows = [r for r in rows if r is not None] + list(fresh.values())
     report = _report(rows, tuple(old["limits"]["shared_bytes_per_block"]), old["wall_s"], old["jobs"], old["skipped"])
     report.update({k: old[k] for k in ("date", "note") if k in old}, merged=old.get("merged", []) + [
         {"kernels": sorted(kernels), "date": new["date"], "configs": len(new["configs"]), "wall_s": new["wall_s"]}])

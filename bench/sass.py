@@ -190,27 +190,29 @@ def compile_select(fn, *, arch, block_m, block_n, nkb, causal, self_attn, by_rat
 
 
 def compile_ws(fn, *, D, block_m, block_n, consumers, stages, maxnreg, consumer_regs, store_lse=False, pv16=False,
-               causal=False):
+               causal=False, ctas=1):
     """_attention_ws._attn_ws_kernel (Gluon, sm90) as _attention_ws.attention launches it (pv16: 16-bit P·V on
-    the user's v through a 4-D descriptor)."""
+    the user's v through a 4-D descriptor; ctas=2: clusters sharing K and V, Triton 3.9)."""
     import torch  # the descriptors' type strings come from Gluon's own descriptor class
     from triton.experimental.gluon import _runtime, language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    def desc(dtype, gdtype, block):
+    def desc(dtype, gdtype, block, split=False):
         t = torch.empty(block, dtype=dtype)
-        lay = gl.NVMMASharedLayout.get_default_for(block, gdtype)
+        cga = None if ctas == 1 else [[1 if split else 0] + [0] * (len(block) - 1)]  # rows split, or both CTAs
+        lay = gl.NVMMASharedLayout.get_default_for(block, gdtype, **({"cga_layout": cga} if cga else {}))
         return mangle_type(TensorDescriptor(t, block, list(t.stride()), block, lay))
 
     v = desc(torch.float16, gl.float16, [1, 1, block_n, D]) if pv16 else desc(torch.float8_e4m3fn, gl.float8e4nv,
                                                                               [D, block_n])
-    types_ = {"q_desc": desc(torch.int8, gl.int8, [block_m, D]), "k_desc": desc(torch.int8, gl.int8, [block_n, D]),
-              "v_desc": v, "O": "*fp16"}
+    types_ = {"q_desc": desc(torch.int8, gl.int8, [block_m * ctas, D], split=True),
+              "k_desc": desc(torch.int8, gl.int8, [block_n, D]), "v_desc": v, "O": "*fp16"}
     types_.update({k: "*fp32" for k in ("QS", "KS", "VS", "LSE")})
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=store_lse, CONSUMERS=consumers, STAGES=stages,
-                 CONSUMER_REGS=consumer_regs, PV16=pv16, CAUSAL=causal)
-    return _compile(fn, 90, types_, const, _options(4, maxnreg=maxnreg), source=_runtime.GluonASTSource)
+                 CONSUMER_REGS=consumer_regs, PV16=pv16, CAUSAL=causal, CTAS=ctas)
+    options = {**_options(4, maxnreg=maxnreg), **({"num_ctas": ctas} if ctas > 1 else {})}
+    return _compile(fn, 90, types_, const, options, source=_runtime.GluonASTSource)
 
 
 def tool(name):

@@ -239,7 +239,8 @@ def _kernel(qkv, layout, is_causal, scale, pv, return_lse, entry, config, shape,
                 try:
                     ws_kernel.attention(qz, _to_hnd(out, layout), lse, dims=dims, block_m=tile.block_m,
                                         block_n=tile.block_n, consumers=tile.ws.consumers, stages=tile.ws.stages,
-                                        maxnreg=tile.ws.maxnreg, v=None if fp8_v else vh, causal=is_causal)
+                                        maxnreg=tile.ws.maxnreg, v=None if fp8_v else vh, causal=is_causal,
+                                        ctas=tile.ws.ctas)
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - the Triton kernel does the same work

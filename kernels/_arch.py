@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 class WarpSpec:
     """The warp-specialized sm90 kernel (_attention_ws.py): a producer warp and `consumers` warpgroups of the
     tile's block_m rows each, `stages` K/V buffers, `maxnreg` registers per thread of the CTA's pool; `causal`:
-    causal calls run it too (else the Triton kernel)."""
+    causal calls run it too (else the Triton kernel); `ctas`: CTAs a cluster in full attention, K and V copied
+    once for all of them (multicast, Triton 3.9+: _attention_ws.cluster)."""
     consumers: int
     stages: int
     maxnreg: int
     causal: bool = False
+    ctas: int = 1
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,11 @@ _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8",
 # the Triton kernel's 625 / 489; three stages, two consumers, FlashAttention-3's in-warpgroup overlap and a lazy
 # rescale all measured slower), causal calls too (v12, H200, N=8k-32k: 1.14-1.21x the Triton kernel at head dim
 # 128, 0.98-1.08x at 64). FP8 causal stays on the Triton kernel (the warp-specialized one: 0.93-0.98x at 128).
-_HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128), pointer_maxnreg=168),
-                (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128, causal=True))})
+# Head dim 128, full attention: clusters of two CTAs share each K/V copy (Triton 3.9), half the L2 -> shared
+# traffic: under the 700 W cap the clock rises 30-45 MHz, FP16 P·V +1-4%, FP8 +2-4% (H200, session 17 in NOTES);
+# at head dim 64 (below the cap) 1% slower: one CTA.
+_HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128, ctas=2), pointer_maxnreg=168),
+                (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128, causal=True, ctas=2))})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
 _HOPPER.update({(d, "fp16"): Tile(64, 128, 4, 2, True, 128, WarpSpec(3, 2, 128, causal=True) if d == 64 else None)
                 for d in (32, 64)})
@@ -296,7 +301,8 @@ def doctor() -> dict:
                                         if t.ws is not None and p == pv and (t.ws.causal or not causal))
                    for pv in ("fp8", "fp16") for causal in (False, True)}
         if any(ws_dims.values()):
-            info["warp_specialized"] = _ws_status(ws_dims)
+            clusters = sorted({d for (d, p), t in entry.tiles.items() if t.ws is not None and t.ws.ctas > 1})
+            info["warp_specialized"] = _ws_status(ws_dims, clusters)
         below = {}
         for d, c in {**entry.min_pairs_by, **entry.pv_by_min_pairs}:  # as this machine routes those calls
             n = entry.sdpa_below(d, c)
@@ -322,14 +328,19 @@ def _triton_support(version: str) -> str:
     return f"tested (Triton 3.2-3.9){note}"
 
 
-def _ws_status(dims) -> str:
+def _ws_status(dims, clusters=()) -> str:
     try:
         from . import _attention_ws
     except (ImportError, AttributeError) as e:
         return f"off: this Triton has no usable Gluon ({e})"
     if _attention_ws.usable():
-        return "on: " + "; ".join(f"{pv.upper()} P·V {'causal' if causal else 'full'} at head dim "
-                                  f"{', '.join(map(str, d))}" for (pv, causal), d in dims.items() if d)
+        on = "on: " + "; ".join(f"{pv.upper()} P·V {'causal' if causal else 'full'} at head dim "
+                                f"{', '.join(map(str, d))}" for (pv, causal), d in dims.items() if d)
+        if clusters:
+            on += (f"; full attention at head dim {', '.join(map(str, clusters))} in 2-CTA clusters sharing K and V"
+                   if _attention_ws.MULTICAST else
+                   "; one CTA a cluster (K and V multicast needs Triton 3.9's Gluon)")
+        return on
     return (f"off: {_attention_ws.ENV}=0" if os.environ.get(_attention_ws.ENV) == "0" else
             f"off: measured with Triton {', '.join(v + 'x' for v in _attention_ws.TESTED_TRITON)} "
             f"({_attention_ws.ENV}=1 turns it on)")

@@ -314,3 +314,20 @@ def test_merge_replaces_only_the_named_kernels_rows(report, tmp_path):
     assert [r for r in got["configs"] if r not in rope] == [r for r in rep["configs"] if not (
         r["kernel"] == "rope" and r["arch"] == "sm80")]
     assert got["merged"][-1]["kernels"] == ["rope"] and got["merged"][-1]["configs"] == len(rope)
+
+
+def test_merge_drops_configs_the_table_no_longer_makes(tmp_path):
+    """A kernel recompiled alone (--kernel K --merge): its rows for the arches and head dims the new run covered are
+    the new run's (a config whose label changed replaces the old one, not beside it); other rows stay."""
+    row = dict(kernel="attn_ws", arch="sm90", cap=90, head_dim=128, bucket=128, pv="fp16", causal=False, block_m=64,
+               block_n=128, dtype="fp16", lse=False, num_warps=4, consumers=3, ws_stages=2, maxnreg=128, regs=128,
+               stack=0, shared=1000, compile_s=1.0, cpu_s=1.0, problems=[])
+    other = dict(row, head_dim=64, bucket=64)
+    quant = dict(row, kernel="quant", fp8_v=False, k_token=False, int8_v=False)
+    old = arch_check._report([row, other, quant], ("sm90",), 1.0, 1)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(old))
+    new = arch_check._report([dict(row, ctas=2)], ("sm90",), 1.0, 1)
+    rows = arch_check.merged(str(path), new, {"attn_ws"})["configs"]
+    assert [(r["kernel"], r["head_dim"], r.get("ctas", 1)) for r in rows] == [("attn_ws", 64, 1), ("quant", 128, 1),
+                                                                            ("attn_ws", 128, 2)]

@@ -446,7 +446,7 @@ def test_warp_specialized_kernel_routing(monkeypatch):
     0), and that _forward hands it the tile's settings, v where P·V is 16-bit, causal, and the LSE. The kernel is
     Gluon, which the interpreter does not run: here a stand-in runs the Triton kernel on the same quantized inputs;
     tests/test_kernels_gpu.py compares the real one on a GPU."""
-    ws = _arch.WarpSpec(3, 2, 128)
+    ws = _arch.WarpSpec(3, 2, 128, ctas=2)
     tile = _arch.Tile(32, 32, 4, 1, True, None, ws)
     v16 = torch.empty(1, 2, 70, 64, dtype=torch.bfloat16)
     try:
@@ -478,8 +478,8 @@ def test_warp_specialized_kernel_routing(monkeypatch):
 
     calls = []
 
-    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, causal=False):
-        calls.append((consumers, stages, maxnreg, lse is not None, v is None, causal))
+    def stand_in(qz, out, lse, *, dims, block_m, block_n, consumers, stages, maxnreg, v=None, causal=False, ctas=1):
+        calls.append((consumers, stages, maxnreg, lse is not None, v is None, causal, ctas))
         _attention.attention(qz, qz.v8 if v is None else v, out, lse, dims=dims, block_m=block_m, block_n=block_n,
                              causal=causal, fp8_v=v is None, num_warps=4, num_stages=1)
 
@@ -490,11 +490,32 @@ def test_warp_specialized_kernel_routing(monkeypatch):
             t = causal_tile if causal else tile
             out, lse = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=t)
             ref, ref_lse = _api._forward(q, k, v, "HND", causal, None, pv, True, tile=TILE)
-            assert calls[-1] == (3, 2, 128, True, pv == "fp8", causal)
+            assert calls[-1] == (3, 2, 128, True, pv == "fp8", causal, 2)  # the kernel decides on clusters
             assert torch.equal(out, ref) and torch.equal(lse, ref_lse)  # the LSE correction for the smoothing applies
     _api._forward(q, k, v, "HND", True, None, "fp8", False, tile=tile)  # the tile's WarpSpec: no causal calls
     _api._forward(q, k, v, "HND", False, None, "fp8", False, tile=dataclasses.replace(tile, tma=False))
     assert len(calls) == 4
+
+
+def test_clusters_only_for_full_attention_where_triton_multicasts(monkeypatch):
+    """The table's 2-CTA clusters (K and V multicast) run full attention on a Triton whose Gluon multicasts (3.9);
+    causal calls and older Tritons take one CTA, the same kernel as before."""
+    try:
+        from comfy_sage.kernels import _attention_ws
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"this Triton cannot import the Gluon kernel ({e!r})")
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    assert _attention_ws.MULTICAST == (version >= (3, 9))  # 3.6-3.8: no multicast bulk copy in Gluon
+    monkeypatch.delenv(_attention_ws.ENV, raising=False)
+    monkeypatch.setattr(_attention_ws, "_triton_tested", lambda: True)
+    monkeypatch.setattr(_attention_ws, "MULTICAST", True)
+    assert [_attention_ws.cluster(c, causal) for c in (1, 2) for causal in (False, True)] == [1, 1, 2, 1]
+    assert "2-CTA clusters" in _sm90_doctor(monkeypatch)["warp_specialized"]
+    monkeypatch.setattr(_attention_ws, "MULTICAST", False)
+    assert _attention_ws.cluster(2, False) == 1
+    assert "one CTA a cluster" in _sm90_doctor(monkeypatch)["warp_specialized"]
+    sm90 = _arch.ARCHES["sm90"].tiles
+    assert sm90[(128, "fp8")].ws.ctas == sm90[(128, "fp16")].ws.ctas == 2 and sm90[(64, "fp16")].ws.ctas == 1
 
 
 @pytest.mark.parametrize("D,row", [(72, 80), (40, 40), (17, 17), (136, 144)])

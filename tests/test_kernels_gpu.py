@@ -178,6 +178,31 @@ def test_warp_specialized_kernel_matches_the_triton_kernel(B, Hq, Hkv, Nq, Nk, D
     assert (ws_lse - ref_lse).abs().max() <= lse_bound and (ws_lse - tr_lse).abs().max() <= lse_bound
 
 
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_clusters_match_one_cta_to_the_bit(pv, monkeypatch):
+    """2-CTA clusters sharing K and V (multicast) compute what one CTA does, bit for bit, output and LSE: tails,
+    GQA, a cluster past the last row, a single tile, both head dims."""
+    from comfy_sage.kernels import _attention_ws
+
+    if not (_arch.ws_usable() and _attention_ws.MULTICAST):
+        pytest.skip("no warp-specialized kernel with multicast on this Triton")
+    if pv == "fp8" and not _entry().fp8:
+        pytest.skip("no FP8 tensor cores")
+    real = _attention_ws.attention
+    for B, Hq, Hkv, N, D in [(1, 4, 4, 1000, 128), (2, 6, 2, 4097, 64), (1, 2, 2, 64, 128), (1, 3, 3, 9000, 128)]:
+        q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=torch.bfloat16, device="cuda", seed=N)
+        tile = dataclasses.replace(_tile(D, pv, True), ws=_arch.WarpSpec(3, 2, 128))
+        got, runs = [], []
+        for ctas in (1, 2):
+            monkeypatch.setattr(_attention_ws, "attention",
+                                lambda *a, **kw: runs.append(ctas) or real(*a, **{**kw, "ctas": ctas}))
+            got.append(_api._forward(q, k, v, "HND", False, None, pv, True, tile=tile))
+        assert runs == [1, 2]  # the warp-specialized kernel ran both (COMFY_SAGE_STRICT: no fallback)
+        (o1, l1), (o2, l2) = got
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Hq, Hkv, N, D)
+        assert rel_l1(o2, exact(q, k, v, False)[0]) <= (0.0385 if pv == "fp8" else 0.015)
+
+
 @pytest.mark.parametrize("D", [16, 40, 64, 72, 128, 256])
 @pytest.mark.parametrize("layout", ["HND", "NHD", "NHD-view"])
 def test_extra_memory_within_contract(layout, D):
