@@ -118,8 +118,8 @@ _HOPPER = {(d, pv): Tile(64, 64, 8, 2) for d in (256,) for pv in ("fp16", "fp8",
 # rescale all measured slower), causal calls too (v12, H200, N=8k-32k: 1.14-1.21x the Triton kernel at head dim
 # 128, 0.98-1.08x at 64). FP8 causal stays on the Triton kernel (the warp-specialized one: 0.93-0.98x at 128).
 # Head dim 128, full attention: clusters of two CTAs share each K/V copy (Triton 3.9), half the L2 -> shared
-# traffic: under the 700 W cap the clock rises 30-45 MHz, FP16 P·V +1-4%, FP8 +2-4% (H200, session 17 in NOTES);
-# at head dim 64 (below the cap) 1% slower: one CTA.
+# traffic: under the 700 W cap the clock rises 30-45 MHz, FP16 P·V +1-2%, FP8 +2-3% (H200, v15 in NOTES); at head
+# dim 64 (below the cap) 1.4% slower: one CTA.
 _HOPPER.update({(128, "fp8"): Tile(64, 128, 4, 2, True, 168, WarpSpec(3, 3, 128, ctas=2), pointer_maxnreg=168),
                 (128, "fp16"): Tile(64, 128, 4, 2, True, ws=WarpSpec(3, 2, 128, causal=True, ctas=2))})
 _HOPPER.update({(d, "fp8"): Tile(64, 128, 4, 3, True, 128) for d in (32, 64)})
