@@ -2,7 +2,8 @@
 Triton 3.9, full attention): one bulk copy of each key block for both CTAs of a head's cluster, half the L2 ->
 shared-memory traffic (the energy lever of bench/NOTES.md), against one CTA (ctas=1), whatever the table says;
 A/B in one process through `sage_attention` (quantization included), `pv="auto"` (16-bit P·V on sm90) and `"fp8"`,
-rounds interleaved, the SM clock and board power read during each timing. Run once per Triton in one device call:
+rounds interleaved, the SM clock and board power read during each timing; the peers that import (SageAttention 2,
+comfy-kitchen: bench.methods) timed in the same rounds. Run once per Triton in one device call:
 `OUT=dir python -m comfy_sage.bench.experiments.ws_multicast`; `... ws_multicast plot OUT.png LABEL=a.json ...` draws
 the runs side by side (no GPU needed)."""
 import json
@@ -14,7 +15,7 @@ import triton
 from triton.testing import do_bench
 
 from ...kernels import _attention_ws, sage_attention
-from ..bench import tops
+from ..bench import environment, methods, tops
 from ..clocks import Clocks
 
 SHAPES = [(128, 24, 16384, False), (128, 24, 32768, False), (64, 32, 32768, False),
@@ -22,10 +23,13 @@ SHAPES = [(128, 24, 16384, False), (128, 24, 32768, False), (64, 32, 32768, Fals
 VARIANTS = (1, 2)  # CTAs a cluster
 
 
-def timed(fn, rounds):
-    """Median milliseconds of each round, and the clocks over all of them."""
+PEERS = ("sageattention_pypi", "comfy_kitchen_int8")  # bench.methods' names
+
+
+def timed(fn):
+    """Median milliseconds, and the clocks during the timing."""
     with Clocks(torch.cuda.current_device()) as clk:
-        ms = [do_bench(fn, warmup=25, rep=200, return_mode="median") for _ in range(rounds)]
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
     return ms, clk.summary()
 
 
@@ -60,6 +64,7 @@ def check(plain):
 
 def main(out, rounds=2):
     plain = _attention_ws.attention
+    peers = {name: fn for name, fn in methods().items() if name in PEERS}
     checks = check(plain)
     rows = []
     for D, H, N, causal in SHAPES:
@@ -76,15 +81,24 @@ def main(out, rounds=2):
                         if ref is None:
                             ref = o
                         diff = (o.float() - ref.float()).abs().max().item()
-                        ms, clk = timed(lambda: sage_attention(q, k, v, pv=pv, is_causal=causal), 1)
+                        ms, clk = timed(lambda: sage_attention(q, k, v, pv=pv, is_causal=causal))
                     finally:
                         _attention_ws.attention = plain
-                    r = dict(shape, pv=pv, ctas=pp, round=rnd, ms=round(ms[0], 4),
-                             tops=round(tops(shape, ms[0]), 1), max_diff_to_first=diff, clocks=clk)
+                    r = dict(shape, pv=pv, ctas=pp, round=rnd, ms=round(ms, 4), tops=round(tops(shape, ms), 1),
+                             max_diff_to_first=diff, clocks=clk)
                     print(r, flush=True)
                     rows.append(r)
-    res = dict(triton=triton.__version__, torch=torch.__version__, device=torch.cuda.get_device_name(), check=checks,
-               rows=rows)
+                if pv == "auto":  # the peers, in the same rounds
+                    for name, fn in peers.items():
+                        try:
+                            ms, clk = timed(lambda: fn(q, k, v, causal))
+                            r = dict(shape, method=name, round=rnd, ms=round(ms, 4), tops=round(tops(shape, ms), 1),
+                                     clocks=clk)
+                        except Exception as e:  # noqa: BLE001 - a peer that cannot run a shape is reported
+                            r = dict(shape, method=name, round=rnd, error=f"{type(e).__name__}: {e}"[:300])
+                        print(r, flush=True)
+                        rows.append(r)
+    res = dict(env=environment(), check=checks, rows=rows)
     path = os.path.join(out, f"ws-multicast-triton-{triton.__version__}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
@@ -100,19 +114,25 @@ def plot(png, runs):
     fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4.5), squeeze=False)
     for ax, (label, path) in zip(axes[0], runs):
         res = json.load(open(path))
-        keys = sorted({(r["D"], r["N"], r["H"], r["causal"], r["pv"]) for r in res["rows"]})
+        env = res.get("env") or {"gpu": res["device"], "triton": res["triton"]}  # session 17's file had no env
+        keys = sorted({(r["D"], r["N"], r["H"], r["causal"], r["pv"]) for r in res["rows"] if "ctas" in r})
         for i, pp in enumerate(VARIANTS):
             vals = []
             for key in keys:
-                t = [r["tops"] for r in res["rows"] if (r["D"], r["N"], r["H"], r["causal"], r["pv"]) == key
-                     and r["ctas"] == pp]
+                t = [r["tops"] for r in res["rows"] if "ctas" in r
+                     and (r["D"], r["N"], r["H"], r["causal"], r["pv"]) == key and r["ctas"] == pp]
                 vals.append(sum(t) / len(t))
             ax.bar([x + 0.4 * i for x in range(len(keys))], vals, 0.4,
                    label=f"{pp} CTA{'s' if pp > 1 else ''} a cluster")
+        for name in PEERS:  # a marker over each shape's bars
+            pts = [(x + 0.2, r["tops"]) for x, key in enumerate(keys) for r in res["rows"]
+                   if r.get("method") == name and "tops" in r and (r["D"], r["N"], r["H"], r["causal"]) == key[:4]]
+            if pts:
+                ax.scatter(*zip(*pts), marker="x", zorder=3, label=name)
         ax.set_xticks([x + 0.2 for x in range(len(keys))])
         ax.set_xticklabels([f"hd{d} {n // 1024}k{' c' if c else ''}\n{pv}" for d, n, h, c, pv in keys], fontsize=7)
         ax.set_ylabel("TOPS (quantization included)")
-        ax.set_title(f"{label}: {res['device']}, Triton {res['triton']}", fontsize=9)
+        ax.set_title(f"{label}: {env['gpu']}, Triton {env['triton']}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
